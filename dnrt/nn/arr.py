@@ -1,0 +1,205 @@
+"""Aggregated Response Regularization (SPEC §2) on any model, through forward hooks.
+
+``ARR`` taps chosen modules, reduces each output to one response vector per sample (class token,
+token mean or global average pool), and after the model's normal forward returns
+``weight · (1/J) Σ_j mean|r_j − μ_j|`` against per-class running means kept in ``ResponseMemory``.
+The model's forward is untouched, so DDP, AMP, ``torch.compile`` and inference work as before.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import DNRTError
+from .memory import ResponseMemory
+
+REDUCTIONS = ("auto", "cls", "mean", "pool")
+
+
+class ARR(nn.Module):
+    """Aggregated Response Regularization for ``model``; holds only the memories (a ModuleDict).
+
+    ``layers``: ``"auto"`` (see ``find_layers``) or module names. ``reduce``: ``"auto"``, ``"cls"``
+    (token 0), ``"mean"`` (over tokens), ``"pool"`` (global average pool of a channels-first map).
+    Memories update when both ARR and the model are in training mode; ``arr.responses`` keeps the last
+    reduced response of each layer. The model is not a submodule: ``state_dict`` holds only memories.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        layers: Union[str, Sequence[str]] = "auto",
+        reduce: str = "auto",
+        momentum: float = 0.1,
+        order: str = "reference",
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if reduce not in REDUCTIONS:
+            raise DNRTError(f"unknown ARR reduce {reduce!r}; known: {', '.join(REDUCTIONS)}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise DNRTError(f"ARR needs a positive integer num_classes, got {num_classes!r}")
+        self._model = [model]
+        self.layers: List[str] = find_layers(model) if layers == "auto" else list(layers)
+        if not self.layers:
+            raise DNRTError("ARR needs at least one layer to tap")
+        modules = dict(model.named_modules())
+        missing = [name for name in self.layers if name not in modules]
+        if missing:
+            raise DNRTError(f"ARR: no module named {missing[0]!r} in {type(model).__name__}")
+        self.num_classes, self.reduce, self.weight = num_classes, reduce, weight
+        self._memory_options = dict(momentum=momentum, order=order)
+        ResponseMemory(num_classes, 1, **self._memory_options)  # fail early on a bad momentum or order
+        self.memories = nn.ModuleDict()
+        self._register_load_state_dict_pre_hook(_make_memories_for_state, with_module=True)
+        self.responses: Dict[str, torch.Tensor] = {}
+        self._handles = [
+            modules[name].register_forward_hook(self._hook(name, _width_hint(model, name))) for name in self.layers
+        ]
+
+    def _hook(self, name: str, width_hint: Optional[int]):
+        def record(module: nn.Module, args, output) -> None:
+            r = self._reduce(output, width_hint, name)
+            if _key(name) not in self.memories:
+                self.add_memory(name, r.shape[1]).to(r.device)
+            self.responses[name] = r
+        return record
+
+    def add_memory(self, name: str, width: int) -> ResponseMemory:
+        """Create the memory of tapped layer ``name`` (done on its first forward, or when loading state)."""
+        memory = ResponseMemory(self.num_classes, width, **self._memory_options)
+        self.memories[_key(name)] = memory
+        return memory
+
+    def _reduce(self, output, width_hint: Optional[int], name: str) -> torch.Tensor:
+        """One response vector per sample from a tapped module's output."""
+        if isinstance(output, (tuple, list)):
+            output = output[-1]
+        if not isinstance(output, torch.Tensor) or output.dim() < 2:
+            raise DNRTError(f"ARR: layer {name!r} gave no [B, ...] tensor to take responses from")
+        how = self.reduce if self.reduce != "auto" else _auto_reduction(self._model[0], output)
+        if output.dim() == 2:
+            return output
+        if how == "cls":
+            return output[:, 0].contiguous()
+        if how == "mean" and output.dim() == 3:
+            return output.mean(dim=1)
+        if output.shape[1] != width_hint and output.shape[-1] == width_hint:
+            return output.flatten(1, -2).mean(dim=1)
+        return output.flatten(2).mean(dim=2)
+
+    def loss(self, targets: torch.Tensor) -> torch.Tensor:
+        """``weight · (1/J) Σ_j mean|r_j − μ_j|`` for the responses of the last forward pass."""
+        if len(self.responses) != len(self.layers):
+            raise DNRTError("ARR.loss() needs a forward pass of the model first")
+        if targets.dim() != 1 or targets.shape[0] != next(iter(self.responses.values())).shape[0]:
+            raise DNRTError(f"ARR.loss() expects targets of shape [batch], got {tuple(targets.shape)}")
+        update = self.training and self._model[0].training
+        total = 0.0
+        for name in self.layers:
+            memory = self.memories[_key(name)]
+            memory.train(update)
+            r = self.responses[name]
+            total = total + (r.float() - memory(r, targets)).abs().mean()
+        return self.weight * total / len(self.layers)
+
+    def remove(self) -> None:
+        """Remove the forward hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def extra_repr(self) -> str:
+        return f"layers={len(self.layers)}, reduce={self.reduce!r}, weight={self.weight}"
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _make_memories_for_state(arr: "ARR", state_dict, prefix: str, *args) -> None:
+    """Before loading a state, create the memories it holds that this ARR has not made yet."""
+    start = prefix + "memories."
+    for key, value in state_dict.items():
+        if key.startswith(start) and key.endswith(".mean"):
+            name = key[len(start):-len(".mean")]
+            if name not in arr.memories:
+                arr.add_memory(name.replace("__", "."), value.shape[1]).to(value.device)
+
+
+def _auto_reduction(model: nn.Module, output: torch.Tensor) -> str:
+    """Class token where the sequence holds one, token mean for other sequences, average pool for maps."""
+    if output.dim() != 3:
+        return "pool"
+    prefix = getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
+    patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    tokens = output.shape[1]
+    has_cls = prefix > 0 and (patches is None or tokens == patches + prefix or tokens == 1)
+    return "cls" if has_cls else "mean"
+
+
+def _width_hint(model: nn.Module, name: str) -> Optional[int]:
+    """Likely width of module ``name``'s output (the last weight registered up to its end), used only to
+    tell a channels-last map (Swin's NHWC stages) from a channels-first one."""
+    width, inside = None, False
+    for sub_name, sub in model.named_modules():
+        if inside and not sub_name.startswith(name + "."):
+            break
+        inside = inside or sub_name == name
+        weight = getattr(sub, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 1:
+            width = weight.shape[0]
+    return width
+
+
+def find_layers(model: nn.Module) -> List[str]:
+    """The blocks of a ViT-like model or the stages of a CNN, by the first rule that finds any.
+
+    1. timm's ``feature_info``; 2. top-level children named ``layerN`` / ``stageN`` (torchvision ResNet,
+    ShuffleNet); 3. the children of a top-level ``blocks`` container; 4. the stage ends of a top-level
+    ``features`` Sequential (before each downsampling child, plus the last).
+    """
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, (list, tuple)) and info and isinstance(info[0], dict) and "module" in info[0]:
+        return [entry["module"] for entry in info]
+    children = dict(model.named_children())
+    staged = [name for name in children if re.fullmatch(r"(layer|stage)\d+", name)]
+    if staged:
+        return staged
+    blocks = children.get("blocks")
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks):
+        return [f"blocks.{i}" for i in range(len(blocks))]
+    features = children.get("features")
+    if isinstance(features, nn.Sequential) and len(features):
+        return [f"features.{i}" for i in _stage_ends(features)]
+    raise DNRTError(
+        f"ARR could not find blocks or stages in {type(model).__name__}; pass layers=[module names]"
+    )
+
+
+def _downsamples(module: nn.Module) -> bool:
+    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
+        return True
+    return any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 for m in module.modules())
+
+
+def _stage_ends(features: nn.Sequential) -> List[int]:
+    """Index of each pooling child, of each child before a strided one, and of the last child."""
+    ends = []
+    for i, child in enumerate(features):
+        if isinstance(child, (nn.MaxPool2d, nn.AvgPool2d)):
+            ends.append(i)
+        elif i > 0 and _downsamples(child) and (i - 1) not in ends and _has_weights(features[i - 1]):
+            ends.append(i - 1)
+    last = len(features) - 1
+    if last not in ends:
+        ends.append(last)
+    return ends
+
+
+def _has_weights(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())

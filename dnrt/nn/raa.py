@@ -1,0 +1,131 @@
+"""Response-Adaptive Activation (SPEC §1): ``RAA(x) = x · Φ(x + s)`` or ``max(0, x + s)``, ``s = wᵀx + b``.
+
+One memory-efficient autograd Function (in the spirit of timm's ``activations_me.py``) keeps only ``x``
+and the per-vector shift ``s`` for backward and computes the gradients from SPEC §1's formulas. The
+math lives in two plain functions; ``dnrt.nn.fused`` can run the very same functions as fused kernels
+(``torch.compile``: Triton on CUDA, vectorised C++ on CPU).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import DNRTError
+from . import fused
+
+BASES = ("gelu", "relu")
+SHIFTS = ("vector", "scalar", "elementwise")
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _per_vector(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reshape a length-d vector to broadcast along ``dim`` of a ``dim``-indexed tensor."""
+    return t.view((-1,) + (1,) * (-dim - 1)) if dim < 0 else t
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Shifts and parameter gradients accumulate in float32 (float64 for float64 input)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def raa_forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str):
+    """Return ``(y, s)``: the activation and the shift ``s = wᵀx + b`` (``b`` alone when ``w`` is None)."""
+    acc = _acc_dtype(x)
+    if w is None:
+        s = b.to(acc)
+    else:
+        s = torch.sum(x * _per_vector(w, dim), dim=dim, keepdim=True, dtype=acc) + b.to(acc)
+    z = x + s
+    y = x * (0.5 + 0.5 * torch.erf(z * _SQRT_HALF)) if base == "gelu" else torch.relu(z)
+    return y.to(x.dtype), s
+
+
+def raa_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str):
+    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)`` by SPEC §1 with ``u = Σ_c g_c ∂y_c/∂s`` per vector."""
+    z = x + s
+    if base == "gelu":
+        g_pdf = grad * x * (torch.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+        grad_x = grad * (0.5 + 0.5 * torch.erf(z * _SQRT_HALF)) + g_pdf
+    else:
+        g_pdf = grad * (z > 0)
+        grad_x = g_pdf
+    acc = _acc_dtype(x)
+    if w is None:
+        return grad_x.to(x.dtype), None, g_pdf.sum(dtype=acc)
+    u = torch.sum(g_pdf, dim=dim, keepdim=True, dtype=acc)
+    grad_x = grad_x + u * _per_vector(w, dim)
+    others = [d for d in range(x.dim()) if d != dim % x.dim()]
+    grad_w = torch.sum(x * u, dim=others, dtype=acc)
+    return grad_x.to(x.dtype), grad_w, u.sum()
+
+
+class RAAFunction(torch.autograd.Function):
+    """RAA with a vector (or scalar, ``w=None``) shift; saves ``x`` and ``s`` only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str):
+        y, s = fused.forward(raa_forward, x, w, b, dim, base)
+        ctx.save_for_backward(x, s, w)
+        ctx.dim, ctx.base, ctx.b_dtype = dim, base, b.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, s, w = ctx.saved_tensors
+        grad_x, grad_w, grad_b = fused.backward(raa_backward, grad.contiguous(), x, s, w, ctx.dim, ctx.base)
+        grad_w = None if w is None else grad_w.to(w.dtype)
+        return grad_x, grad_w, grad_b.to(ctx.b_dtype).reshape(()), None, None
+
+
+class RAA(nn.Module):
+    """Response-Adaptive Activation: a learnable, input-dependent firing condition (DNRT, ICLR 2024).
+
+    ``base="gelu"``: ``x · Φ(x + s)``; ``base="relu"``: ``max(0, x + s)``. ``shift="vector"``: ``s = wᵀx + b``
+    per feature vector (the paper's form); ``"scalar"``: one learned constant; ``"elementwise"``:
+    ``s = Wx + b`` with a d×d ``W`` (an ablation). Feature vectors lie along ``channel_dim`` (-1 for
+    tokens, 1 for NCHW maps). Every parameter starts at zero, so a fresh RAA is exactly GELU (or ReLU).
+    """
+
+    def __init__(self, num_features: int, base: str = "gelu", shift: str = "vector", channel_dim: int = -1) -> None:
+        super().__init__()
+        if base not in BASES:
+            raise DNRTError(f"unknown RAA base {base!r}; known: {', '.join(BASES)}")
+        if shift not in SHIFTS:
+            raise DNRTError(f"unknown RAA shift {shift!r}; known: {', '.join(SHIFTS)}")
+        if not isinstance(num_features, int) or num_features < 1:
+            raise DNRTError(f"RAA needs a positive integer num_features, got {num_features!r}")
+        self.num_features, self.base, self.shift, self.channel_dim = num_features, base, shift, channel_dim
+        self.bias = nn.Parameter(torch.zeros(num_features if shift == "elementwise" else ()))
+        if shift == "vector":
+            self.weight = nn.Parameter(torch.zeros(num_features))
+        elif shift == "elementwise":
+            self.weight = nn.Parameter(torch.zeros(num_features, num_features))
+        else:
+            self.register_parameter("weight", None)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, base={self.base!r}, shift={self.shift!r}, channel_dim={self.channel_dim}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[self.channel_dim] != self.num_features:
+            raise DNRTError(
+                f"RAA({self.num_features}) expects {self.num_features} features along dim {self.channel_dim}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        dim = self.channel_dim if self.channel_dim < 0 else self.channel_dim - x.dim()
+        if self.shift == "elementwise":
+            return _elementwise_shift(x, self.weight, self.bias, dim, self.base)
+        return RAAFunction.apply(x, self.weight, self.bias, dim, self.base)
+
+
+def _elementwise_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int, base: str) -> torch.Tensor:
+    """The d×d ablation form by plain autograd: ``z = x + (Wx + b)`` (it keeps ``z`` too)."""
+    moved = x.movedim(dim, -1)
+    z = (moved + moved @ weight.to(x.dtype).t() + bias.to(x.dtype)).movedim(-1, dim)
+    if base == "relu":
+        return torch.relu(z)
+    return x * (0.5 + 0.5 * torch.erf(z * _SQRT_HALF))

@@ -1,0 +1,142 @@
+"""RAA against the plain formula of SPEC §1: values, gradients, dtypes, memory kept, compile."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dnrt
+from dnrt.nn import fused
+
+
+def formula(x, w, b, dim, base, shift):
+    """SPEC §1 written independently: per-vector shift by einsum, Φ through erf."""
+    xm = x.movedim(dim, -1)
+    if shift == "vector":
+        s = torch.einsum("...c,c->...", xm, w).unsqueeze(-1) + b
+    elif shift == "scalar":
+        s = b
+    else:
+        s = torch.einsum("...c,dc->...d", xm, w) + b
+    z = xm + s
+    y = xm * 0.5 * (1 + torch.erf(z / math.sqrt(2))) if base == "gelu" else torch.clamp(z, min=0)
+    return y.movedim(-1, dim)
+
+
+SHAPES = {-1: (3, 5, 6), 1: (2, 6, 3, 4)}
+
+
+def randomised(base, shift, dim, dtype=torch.float64):
+    m = dnrt.RAA(6, base=base, shift=shift, channel_dim=dim).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+@pytest.mark.parametrize("shift", ["vector", "scalar", "elementwise"])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_values_and_gradients_match_formula(base, shift, dim):
+    torch.manual_seed(0)
+    m = randomised(base, shift, dim)
+    x = torch.randn(*SHAPES[dim], dtype=torch.float64, requires_grad=True)
+    params = [m.weight, m.bias] if m.weight is not None else [m.bias]
+    y = m(x)
+    torch.testing.assert_close(y, formula(x, m.weight, m.bias, dim, base, shift))
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x] + params, g)
+    want = torch.autograd.grad(formula(x, m.weight, m.bias, dim, base, shift), [x] + params, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    if base == "gelu":
+        assert torch.autograd.gradcheck(lambda x, *p: m(x), [x] + params)
+
+
+def test_channel_dim_one_accepts_vectors_last_dim_two_d():
+    m = randomised("gelu", "vector", -1)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(m(x), formula(x, m.weight, m.bias, -1, "gelu", "vector"))
+
+
+@pytest.mark.parametrize("base,static", [("gelu", nn.GELU()), ("relu", nn.ReLU())])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_fresh_raa_equals_its_base(base, static, dim):
+    x = torch.randn(*SHAPES[dim]) * 3
+    torch.testing.assert_close(dnrt.RAA(6, base=base, channel_dim=dim)(x), static(x), atol=1e-6, rtol=1e-6)
+
+
+def test_bfloat16_autocast_on_cpu():
+    torch.manual_seed(0)
+    layer, act = nn.Linear(8, 6), randomised("gelu", "vector", -1, torch.float32)
+    x = torch.randn(4, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = layer(x)
+        y = act(h)
+    assert h.dtype == y.dtype == torch.bfloat16
+    want = formula(h.float(), act.weight, act.bias, -1, "gelu", "vector")
+    torch.testing.assert_close(y.float(), want, atol=0.05, rtol=0.05)
+    y.float().sum().backward()
+    assert act.weight.grad.dtype == torch.float32 and torch.isfinite(act.weight.grad).all()
+
+
+def saved_bytes(module, x):
+    """Bytes autograd keeps for backward of ``module(x)`` (distinct storages, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_keeps_only_input_and_shift_for_backward(dim):
+    x = torch.randn(2, 64, 5, 5, requires_grad=True) if dim == 1 else torch.randn(4, 7, 64, requires_grad=True)
+    gelu = saved_bytes(nn.GELU(), x)
+    raa = saved_bytes(dnrt.RAA(64, channel_dim=dim), x)
+    assert gelu == x.numel() * 4
+    assert raa == gelu + gelu // 64
+
+
+def test_wrong_width_is_a_clear_error():
+    with pytest.raises(dnrt.DNRTError, match=r"RAA\(6\) expects 6 features along dim -1, got input of shape \(2, 5\)"):
+        dnrt.RAA(6)(torch.randn(2, 5))
+    with pytest.raises(dnrt.DNRTError, match="unknown RAA base 'tanh'"):
+        dnrt.RAA(6, base="tanh")
+
+
+def test_fused_kernels_match_eager():
+    torch.manual_seed(0)
+    m = randomised("gelu", "vector", -1, torch.float32)
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    eager = m(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), [x, m.weight, m.bias])
+    fused.set_fused(True)
+    try:
+        out = m(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, m.weight, m.bias])
+    finally:
+        fused.set_fused("auto")
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inside_torch_compile():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), randomised("gelu", "vector", 1, torch.float32))
+    x = torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    compiled(x).sum().backward()
+    got = model[1].weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(got, model[1].weight.grad, rtol=1e-4, atol=1e-5)
