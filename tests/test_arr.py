@@ -42,7 +42,8 @@ def test_resnet_taps_stages_and_pools():
     raw = block_outputs(model, arr.layers, torch.randn(2, 3, 32, 32))
     for name in arr.layers:
         torch.testing.assert_close(arr.responses[name], F.adaptive_avg_pool2d(raw[name], 1).flatten(1))
-    assert [arr.memories[n].num_features for n in arr.layers] == [64, 128, 256, 512]
+    arr.loss(torch.tensor([0, 1]))
+    assert arr.memory.num_features == 64 + 128 + 256 + 512
 
 
 def test_loss_equals_weighted_mean_l1_to_sequential_means():
@@ -90,7 +91,7 @@ def test_eval_mode_reads_memory_and_state_round_trips():
     model(torch.randn(8, 3, 32, 32))
     arr.loss(torch.arange(8) % 5)
     state = {k: v.clone() for k, v in arr.state_dict().items()}
-    assert set(state) == {f"memories.blocks__{i}.{b}" for i in range(3) for b in ("mean", "count")}
+    assert set(state) == {"memory.mean", "memory.count"} and state["memory.mean"].shape == (5, 3 * 192)
     model.eval()
     model(torch.randn(8, 3, 32, 32))
     arr.loss(torch.arange(8) % 5)

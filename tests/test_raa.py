@@ -1,5 +1,8 @@
 """RAA against the plain formula of SPEC §1: values, gradients, dtypes, memory kept, compile."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,3 +143,31 @@ def test_inside_torch_compile():
     model.zero_grad()
     model(x).sum().backward()
     torch.testing.assert_close(got, model[1].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+TRITON_CHECK = """
+import torch
+from dnrt.nn import raa_triton
+from dnrt.nn.raa import raa_backward, raa_forward
+torch.manual_seed(0)
+for shape, dim in [((3, 5, 48), -1), ((2, 24, 3, 5), -3), ((7, 33), -1)]:
+    for base in ("gelu", "relu"):
+        x, g = torch.randn(*shape), torch.randn(*shape)
+        w, b = torch.randn(shape[dim]) * 0.3, torch.tensor(0.2)
+        y, s = raa_triton.forward(x, w, b, dim, base)
+        got = (y,) + raa_triton.backward(g, x, s, w, dim, base)
+        y2, s2 = raa_forward(x, w, b, dim, base)
+        want = (y2,) + raa_backward(g, x, s2, w, dim, base)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e.reshape(a.shape), rtol=1e-5, atol=2e-5)
+print("triton kernels agree")
+"""
+
+
+def test_triton_kernels_in_the_interpreter():
+    """The CUDA kernels' code, run by Triton's CPU interpreter against the plain math."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "triton kernels agree" in done.stdout

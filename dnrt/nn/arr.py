@@ -20,12 +20,14 @@ REDUCTIONS = ("auto", "cls", "mean", "pool")
 
 
 class ARR(nn.Module):
-    """Aggregated Response Regularization for ``model``; holds only the memories (a ModuleDict).
+    """Aggregated Response Regularization for ``model``; its only state is ``arr.memory``.
 
     ``layers``: ``"auto"`` (see ``find_layers``) or module names. ``reduce``: ``"auto"``, ``"cls"``
     (token 0), ``"mean"`` (over tokens), ``"pool"`` (global average pool of a channels-first map).
-    Memories update when both ARR and the model are in training mode; ``arr.responses`` keeps the last
-    reduced response of each layer. The model is not a submodule: ``state_dict`` holds only memories.
+    The per-class means of all tapped layers live side by side in one ``ResponseMemory`` (widths
+    concatenated in ``layers`` order): one vectorised update and, under DDP, one gather per step. It
+    updates when both ARR and the model are in training mode; ``arr.responses`` keeps the last reduced
+    response of each layer. The model is not a submodule: ``state_dict`` holds only the memory.
     """
 
     def __init__(
@@ -54,8 +56,8 @@ class ARR(nn.Module):
         self.num_classes, self.reduce, self.weight = num_classes, reduce, weight
         self._memory_options = dict(momentum=momentum, order=order)
         ResponseMemory(num_classes, 1, **self._memory_options)  # fail early on a bad momentum or order
-        self.memories = nn.ModuleDict()
-        self._register_load_state_dict_pre_hook(_make_memories_for_state, with_module=True)
+        self.register_module("memory", None)
+        self._register_load_state_dict_pre_hook(_make_memory_for_state, with_module=True)
         self.responses: Dict[str, torch.Tensor] = {}
         self._handles = [
             modules[name].register_forward_hook(self._hook(name, _width_hint(model, name))) for name in self.layers
@@ -63,17 +65,13 @@ class ARR(nn.Module):
 
     def _hook(self, name: str, width_hint: Optional[int]):
         def record(module: nn.Module, args, output) -> None:
-            r = self._reduce(output, width_hint, name)
-            if _key(name) not in self.memories:
-                self.add_memory(name, r.shape[1]).to(r.device)
-            self.responses[name] = r
+            self.responses[name] = self._reduce(output, width_hint, name)
         return record
 
-    def add_memory(self, name: str, width: int) -> ResponseMemory:
-        """Create the memory of tapped layer ``name`` (done on its first forward, or when loading state)."""
-        memory = ResponseMemory(self.num_classes, width, **self._memory_options)
-        self.memories[_key(name)] = memory
-        return memory
+    def make_memory(self, width: int) -> ResponseMemory:
+        """Create the memory of all tapped layers side by side (on the first loss, or when loading state)."""
+        self.memory = ResponseMemory(self.num_classes, width, **self._memory_options)
+        return self.memory
 
     def _reduce(self, output, width_hint: Optional[int], name: str) -> torch.Tensor:
         """One response vector per sample from a tapped module's output."""
@@ -95,17 +93,20 @@ class ARR(nn.Module):
     def loss(self, targets: torch.Tensor) -> torch.Tensor:
         """``weight · (1/J) Σ_j mean|r_j − μ_j|`` for the responses of the last forward pass."""
         if len(self.responses) != len(self.layers):
-            raise DNRTError("ARR.loss() needs a forward pass of the model first")
-        if targets.dim() != 1 or targets.shape[0] != next(iter(self.responses.values())).shape[0]:
+            raise DNRTError(
+                "ARR.loss() needs a forward pass of the model first (with torch.compile, create ARR before the "
+                "first compiled call: hooks added later are not seen)"
+            )
+        responses = [self.responses[name] for name in self.layers]
+        if targets.dim() != 1 or targets.shape[0] != responses[0].shape[0]:
             raise DNRTError(f"ARR.loss() expects targets of shape [batch], got {tuple(targets.shape)}")
-        update = self.training and self._model[0].training
-        total = 0.0
-        for name in self.layers:
-            memory = self.memories[_key(name)]
-            memory.train(update)
-            r = self.responses[name]
-            total = total + (r.float() - memory(r, targets)).abs().mean()
-        return self.weight * total / len(self.layers)
+        r = torch.cat([t.float() for t in responses], dim=1)
+        if self.memory is None:
+            self.make_memory(r.shape[1]).to(r.device)
+        self.memory.train(self.training and self._model[0].training)
+        distance = (r - self.memory(r, targets)).abs()
+        per_layer = [part.mean() for part in distance.split([t.shape[1] for t in responses], dim=1)]
+        return self.weight * torch.stack(per_layer).mean()
 
     def remove(self) -> None:
         """Remove the forward hooks from the model."""
@@ -117,18 +118,11 @@ class ARR(nn.Module):
         return f"layers={len(self.layers)}, reduce={self.reduce!r}, weight={self.weight}"
 
 
-def _key(name: str) -> str:
-    return name.replace(".", "__")
-
-
-def _make_memories_for_state(arr: "ARR", state_dict, prefix: str, *args) -> None:
-    """Before loading a state, create the memories it holds that this ARR has not made yet."""
-    start = prefix + "memories."
-    for key, value in state_dict.items():
-        if key.startswith(start) and key.endswith(".mean"):
-            name = key[len(start):-len(".mean")]
-            if name not in arr.memories:
-                arr.add_memory(name.replace("__", "."), value.shape[1]).to(value.device)
+def _make_memory_for_state(arr: "ARR", state_dict, prefix: str, *args) -> None:
+    """Before loading a state that holds a memory, create one of its width if this ARR has none yet."""
+    mean = state_dict.get(prefix + "memory.mean")
+    if mean is not None and arr.memory is None:
+        arr.make_memory(mean.shape[1]).to(mean.device)
 
 
 def _auto_reduction(model: nn.Module, output: torch.Tensor) -> str:

@@ -1,14 +1,15 @@
-"""Fused RAA kernels: the math of ``raa.py`` compiled by ``torch.compile`` (Triton on CUDA, C++ on CPU).
+"""Which kernels run RAA: hand-written Triton on CUDA, compiled math on request, or plain PyTorch.
 
-Eager PyTorch runs RAA's formulas as a dozen passes over the tensor where GELU is one fused kernel;
-compiling the same two functions makes each direction one or two passes. Compiling costs seconds on
-first use (then cached on disk), so it is on by default for CUDA tensors only; ``set_fused`` changes that.
-Inside a ``torch.compile``'d model the plain functions run and the outer compiler fuses them.
+Eager PyTorch runs RAA's formulas as a dozen passes over the tensor where GELU is one kernel. On CUDA
+the Triton kernels of ``raa_triton`` make each direction a single pass. Elsewhere ``set_fused(True)``
+compiles the very same math of ``raa.py`` with ``torch.compile`` (vectorised C++ on CPU; seconds to
+compile on first use, then cached on disk). Inside a ``torch.compile``'d model the plain functions run
+and the outer compiler fuses them.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -16,18 +17,20 @@ _mode: Union[bool, str] = "auto"
 
 
 def set_fused(mode: Union[bool, str]) -> None:
-    """``True``: always compile RAA's kernels; ``False``: never; ``"auto"``: on CUDA tensors only."""
+    """``"auto"`` (default): Triton kernels on CUDA; ``True``: also compile for other devices; ``False``: plain PyTorch."""
     global _mode
     if mode not in (True, False, "auto"):
         raise ValueError(f"set_fused takes True, False or 'auto', got {mode!r}")
     _mode = mode
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """Whether RAA on ``x`` runs compiled kernels now."""
-    if torch.compiler.is_compiling() or _mode is False:
-        return False
-    return _mode is True or x.is_cuda
+@functools.lru_cache(maxsize=None)
+def _triton():
+    try:
+        from . import raa_triton
+    except ImportError:
+        return None
+    return raa_triton
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,11 +38,13 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)
 
 
-def forward(fn: Callable, x: torch.Tensor, *args):
-    """Run RAA's forward math, compiled when enabled for ``x``."""
-    return (_compiled(fn) if enabled(x) else fn)(x, *args)
-
-
-def backward(fn: Callable, grad: torch.Tensor, x: torch.Tensor, *args):
-    """Run RAA's backward math, compiled when enabled for ``x``."""
-    return (_compiled(fn) if enabled(x) else fn)(grad, x, *args)
+def kernels(x: torch.Tensor, w: Optional[torch.Tensor], forward: Callable, backward: Callable):
+    """The (forward, backward) pair to run RAA on ``x``; ``forward``/``backward`` are the plain math."""
+    if _mode is False or torch.compiler.is_compiling():
+        return forward, backward
+    triton_kernels = _triton() if x.is_cuda and w is not None and x.is_contiguous() else None
+    if triton_kernels is not None and w.numel() <= triton_kernels.MAX_FEATURES:
+        return triton_kernels.forward, triton_kernels.backward
+    if _mode is True:
+        return _compiled(forward), _compiled(backward)
+    return forward, backward

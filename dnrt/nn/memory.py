@@ -3,7 +3,7 @@
 The sequential definition — samples update ``μ_k`` one at a time in batch order, the first sample of a
 class sets it, later ones do ``μ ← (1 − m)μ + m·x`` — is a per-class linear recurrence. It is computed
 here for a whole batch at once by sorting samples by class and running a parallel prefix scan
-(log₂ B doubling steps, each a gather and a multiply-add) over the sorted batch: every sample gets the mean
+(log₂ B doubling steps, each one multiply-add of the batch with itself shifted) over the sorted batch: every sample gets the mean
 right after its own update, with no Python loop over samples and no host-device synchronisation.
 The scan's coefficients are products of ``(1 − m)``, kept in float64 so that powers like ``0.999⁴⁰⁹⁶`` do
 not inherit float32's rounding of ``m``; they only shrink, so the scan is stable for any batch size and
@@ -39,22 +39,31 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, y
     """Each sample's class mean right after its own update, for a batch already sorted by class.
 
     ``mean0[K, d]`` and ``seen[K]`` (bool) are the memory before the batch. Returns ``[B, d]``.
+    The scan needs log₂ of the longest run of one class: read on the host for CPU tensors (no device to
+    wait for), bounded by the batch size on accelerators (no synchronisation).
     """
     n = ys.shape[0]
+    longest = int(torch.bincount(ys).max()) if ys.device.type == "cpu" and n else n
     pos = torch.arange(n, device=ys.device)
     start = torch.full_like(seen, n, dtype=torch.long).scatter_reduce(0, ys, pos, "amin")
     rank = pos - start[ys]
     first_of_new = (rank == 0) & ~seen[ys]
     decay = torch.full((n,), 1.0 - momentum, dtype=torch.float64, device=x.device).masked_fill(first_of_new, 0.0)
-    value = torch.where(first_of_new, 1.0, momentum).to(x.dtype).unsqueeze(1) * x
-    for step in range(math.ceil(math.log2(n)) if n > 1 else 0):
+    value = x * _column(torch.where(first_of_new, 1.0, momentum), x)
+    spare = torch.empty_like(value)
+    for step in range(math.ceil(math.log2(longest)) if longest > 1 else 0):
         offset = 1 << step
-        prev = (pos - offset).clamp(min=0)
-        has_prev = rank >= offset
-        carried = torch.addcmul(value, decay.to(x.dtype).unsqueeze(1), value[prev])
-        value = torch.where(has_prev.unsqueeze(1), carried, value)
-        decay = torch.where(has_prev, decay * decay[prev], decay)
-    return torch.addcmul(value, decay.to(x.dtype).unsqueeze(1), mean0[ys])
+        linked = rank[offset:] >= offset
+        spare[:offset] = value[:offset]
+        torch.add(value[offset:], value[:-offset] * _column(decay[offset:] * linked, x), out=spare[offset:])
+        decay = torch.cat([decay[:offset], torch.where(linked, decay[offset:] * decay[:-offset], decay[offset:])])
+        value, spare = spare, value
+    return value + mean0.index_select(0, ys) * _column(decay, x)
+
+
+def _column(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample factor as a [B, 1] column of ``like``'s dtype (a broadcast multiply is the fast path)."""
+    return t.to(like.dtype).unsqueeze(1)
 
 
 class ResponseMemory(nn.Module):
@@ -88,28 +97,33 @@ class ResponseMemory(nn.Module):
         _check_inputs(responses, targets, self.num_classes, self.num_features)
         x = responses.detach().to(self.mean.dtype)
         targets = targets.to(device=x.device, dtype=torch.long)
-        seen = self.count > 0
         if not self.training:
-            return torch.where(seen[targets].unsqueeze(1), self.mean[targets], x)
+            return self._before(x, targets)
         local = slice(None)
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             local = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
             x, targets = _all_gather(x), _all_gather(targets)
         ys, order = torch.sort(targets, stable=True)
-        after = sequential_means(self.mean, seen, x[order], ys, self.momentum)
+        after = sequential_means(self.mean, self.count > 0, x.index_select(0, order), ys, self.momentum)
         if self.order == "reference":
-            result = torch.empty_like(after).index_copy_(0, order, after)
+            unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+            result = after.index_select(0, unsort)
         else:
-            result = torch.where(seen[targets].unsqueeze(1), self.mean[targets], x)
+            result = self._before(x, targets)
         self._store(after, ys)
         return result[local]
+
+    def _before(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each sample's class mean as it stands, or the sample itself where its class was never seen
+        (an unseen class's mean is still all zeros, so a sum picks the right one without a select)."""
+        return self.mean.index_select(0, targets) + x * _column(self.count.index_select(0, targets) == 0, x)
 
     def _store(self, after: torch.Tensor, ys: torch.Tensor) -> None:
         """Keep each class's mean after its last sample of the batch, and count the samples."""
         pos = torch.arange(ys.shape[0], device=ys.device)
         last = torch.full_like(self.count, -1).scatter_reduce(0, ys, pos, "amax")
-        present = (last >= 0).unsqueeze(1)
-        self.mean.copy_(torch.where(present, after[last.clamp(min=0)], self.mean))
+        present = _column(last >= 0, self.mean)
+        self.mean.mul_(1 - present).add_(after.index_select(0, last.clamp(min=0)).mul_(present))
         self.count.scatter_add_(0, ys, torch.ones_like(ys))
 
 

@@ -2,8 +2,8 @@
 
 One memory-efficient autograd Function (in the spirit of timm's ``activations_me.py``) keeps only ``x``
 and the per-vector shift ``s`` for backward and computes the gradients from SPEC §1's formulas. The
-math lives in two plain functions; ``dnrt.nn.fused`` can run the very same functions as fused kernels
-(``torch.compile``: Triton on CUDA, vectorised C++ on CPU).
+math lives in two plain functions; ``dnrt.nn.fused`` picks single-pass Triton kernels instead on CUDA,
+or the same two functions compiled by ``torch.compile`` on request.
 """
 from __future__ import annotations
 
@@ -68,7 +68,8 @@ class RAAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str):
-        y, s = fused.forward(raa_forward, x, w, b, dim, base)
+        run_forward, ctx.run_backward = fused.kernels(x, w, raa_forward, raa_backward)
+        y, s = run_forward(x, w, b, dim, base)
         ctx.save_for_backward(x, s, w)
         ctx.dim, ctx.base, ctx.b_dtype = dim, base, b.dtype
         return y
@@ -76,7 +77,7 @@ class RAAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, s, w = ctx.saved_tensors
-        grad_x, grad_w, grad_b = fused.backward(raa_backward, grad.contiguous(), x, s, w, ctx.dim, ctx.base)
+        grad_x, grad_w, grad_b = ctx.run_backward(grad.contiguous(), x, s, w, ctx.dim, ctx.base)
         grad_w = None if w is None else grad_w.to(w.dtype)
         return grad_x, grad_w, grad_b.to(ctx.b_dtype).reshape(()), None, None
 

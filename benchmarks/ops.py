@@ -1,0 +1,166 @@
+"""Speed and memory of the core ops, each as a ratio measured side by side in one run.
+
+    python benchmarks/ops.py [--device cpu|cuda] [--skip-fused]
+
+1. RAA forward+backward vs nn.GELU on a [64, 65, 768] float32 tensor (the Function eagerly, the same
+   math as fused kernels, and a plain-autograd RAA for reference); goal ≤ 1.5×.
+2. Bytes autograd keeps for backward in one ViT-Tiny (patch 4, 32×32, batch 64) training step, RAA vs
+   nn.GELU; goal ≤ 1.05×.
+3. ResponseMemory update for batch 256, 100 classes, 12 layers of width 192 (side by side in one memory,
+   as ARR keeps them), vs a per-sample Python loop (the authors' way); goal ≥ 50× faster.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+
+import timm
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import dnrt
+from dnrt.nn import fused
+
+
+def median_ms(fn, device: torch.device) -> float:
+    """Median wall time of ``fn`` in milliseconds (torch.utils.benchmark synchronises CUDA)."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median * 1e3
+
+
+def plain_raa(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """RAA by plain autograd: every intermediate is kept."""
+    s = (x @ w + b).unsqueeze(-1)
+    return x * 0.5 * (1 + torch.erf((x + s) / math.sqrt(2)))
+
+
+def activation_speed(device: torch.device, with_fused: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 65, 768, device=device, requires_grad=True)
+    g = torch.randn_like(x)
+    raa, gelu = dnrt.RAA(768).to(device), nn.GELU()
+    with torch.no_grad():
+        raa.weight.normal_(0, 0.02)
+    runs = {
+        "nn.GELU": lambda: gelu(x).backward(g),
+        "RAA plain autograd": lambda: plain_raa(x, raa.weight, raa.bias).backward(g),
+    }
+    fused.set_fused(False)
+    base = median_ms(runs["nn.GELU"], device)
+    results = {"nn.GELU": base, "RAA plain autograd": median_ms(runs["RAA plain autograd"], device)}
+    results["dnrt.RAA eager"] = median_ms(lambda: raa(x).backward(g), device)
+    if with_fused:
+        fused.set_fused(True)
+        results["dnrt.RAA fused"] = median_ms(lambda: raa(x).backward(g), device)
+        fused.set_fused("auto")
+    results["nn.GELU (again)"] = median_ms(runs["nn.GELU"], device)
+    base = min(base, results["nn.GELU (again)"])
+    print(f"\n1. forward+backward on [64, 65, 768] float32, {device.type} (goal: dnrt.RAA ≤ 1.5× nn.GELU)")
+    for name, ms in results.items():
+        print(f"   {name:22s} {ms:8.3f} ms   {ms / base:5.2f}×")
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arr=None) -> int:
+    """Bytes of distinct non-parameter storages autograd keeps during one training forward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(model(x), y)
+        if arr is not None:
+            loss = loss + arr.loss(y)
+    loss.backward()
+    return sum(kept.values())
+
+
+def vit_tiny() -> nn.Module:
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, num_classes=100, drop_path_rate=0.0)
+
+
+def activation_memory(device: torch.device) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 32, 32, device=device), torch.randint(0, 100, (64,), device=device)
+    gelu = vit_tiny().to(device)
+    raa = dnrt.convert(vit_tiny().to(device), x[:1])
+    plain = dnrt.convert(vit_tiny().to(device), x[:1])
+    for block in plain.blocks:
+        act = block.mlp.act
+        block.mlp.act = PlainRAA(act)
+    raa_arr = dnrt.convert(vit_tiny().to(device), x[:1])
+    arr = dnrt.ARR(raa_arr, 100)
+    base = saved_bytes(gelu, x, y)
+    print("\n2. bytes kept for backward, ViT-Tiny patch 4, 32×32, batch 64 (goal: RAA ≤ 1.05× GELU)")
+    for name, model, extra in [("GELU", gelu, None), ("RAA plain autograd", plain, None), ("dnrt RAA", raa, None),
+                               ("dnrt RAA + ARR", raa_arr, arr)]:
+        n = saved_bytes(model, x, y, extra)
+        print(f"   {name:22s} {n / 2**20:8.1f} MiB   {n / base:5.3f}×")
+
+
+class PlainRAA(nn.Module):
+    """The plain-autograd RAA of part 1 around an RAA's parameters, for the memory comparison."""
+
+    def __init__(self, raa: dnrt.RAA) -> None:
+        super().__init__()
+        self.raa = raa
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plain_raa(x, self.raa.weight, self.raa.bias)
+
+
+def loop_update(means: list, seen: list, responses: list, targets: torch.Tensor, momentum: float) -> None:
+    """The authors' way: memory on the CPU, one sample at a time, per layer."""
+    labels = targets.cpu().tolist()
+    for layer, r in enumerate(responses):
+        r = r.detach().cpu()
+        for i, k in enumerate(labels):
+            if not seen[layer][k]:
+                means[layer][k] = r[i]
+                seen[layer][k] = True
+            else:
+                means[layer][k] = (1 - momentum) * means[layer][k] + momentum * r[i]
+
+
+def memory_speed(device: torch.device) -> None:
+    torch.manual_seed(0)
+    layers, batch, classes, width = 12, 256, 100, 192
+    responses = [torch.randn(batch, width, device=device) for _ in range(layers)]
+    targets = torch.randint(0, classes, (batch,), device=device)
+    memory = dnrt.ResponseMemory(classes, layers * width).to(device)
+    means = [torch.zeros(classes, width) for _ in range(layers)]
+    seen = [[False] * classes for _ in range(layers)]
+
+    def vectorised() -> None:
+        memory(torch.cat(responses, dim=1), targets)
+
+    fast = median_ms(vectorised, device)
+    slow = median_ms(lambda: loop_update(means, seen, responses, targets, 0.1), device)
+    print(f"\n3. memory update, batch {batch}, {classes} classes, {layers} layers × {width}, {device.type} (goal ≥ 50×)")
+    print(f"   per-sample Python loop {slow:8.3f} ms")
+    print(f"   dnrt.ResponseMemory    {fast:8.3f} ms   {slow / fast:5.1f}× faster")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-fused", action="store_true", help="skip the compiled kernels (they compile on first use)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}, timm {timm.__version__}")
+    activation_speed(device, not args.skip_fused)
+    activation_memory(device)
+    memory_speed(device)
+
+
+if __name__ == "__main__":
+    main()

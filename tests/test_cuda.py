@@ -1,0 +1,86 @@
+"""CUDA-only checks (skipped without a GPU): fused kernels, AMP, a sync-free memory update, a training step."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import dnrt
+from test_memory import Sequential, assert_rel_close
+from test_raa import formula
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+@pytest.mark.parametrize("dim,shape", [(-1, (8, 65, 192)), (1, (4, 96, 7, 7))])
+def test_fused_raa_matches_the_formula(base, dim, shape):
+    torch.manual_seed(0)
+    m = dnrt.RAA(shape[dim], base=base, channel_dim=dim).cuda()
+    with torch.no_grad():
+        m.weight.normal_(0, 0.1)
+        m.bias.fill_(0.2)
+    x = torch.randn(*shape, device="cuda", requires_grad=True)
+    y = m(x)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, m.weight, m.bias], g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, m.weight, m.bias))
+    want = formula(x64, w64, b64, dim, base, "vector")
+    want_grads = torch.autograd.grad(want, [x64, w64, b64], g.double())
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast(dtype):
+    torch.manual_seed(0)
+    layer, act = nn.Linear(64, 128).cuda(), dnrt.RAA(128).cuda()
+    with torch.no_grad():
+        act.weight.normal_(0, 0.05)
+    x = torch.randn(16, 10, 64, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        h = layer(x)
+        y = act(h)
+    assert y.dtype == dtype
+    want = formula(h.double(), act.weight.double(), act.bias.double(), -1, "gelu", "vector")
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
+    y.float().square().mean().backward()
+    assert act.weight.grad.dtype == torch.float32 and torch.isfinite(act.weight.grad).all()
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_memory_update_matches_sequential_without_host_sync():
+    g = torch.Generator().manual_seed(3)
+    memory, ref = dnrt.ResponseMemory(10, 16).cuda(), Sequential(10, 16, 0.1, "reference")
+    batches = [(torch.randn(256, 16, generator=g), torch.randint(0, 10, (256,), generator=g)) for _ in range(4)]
+    cuda_batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = [memory(x, y) for x, y in cuda_batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for (x, y), out in zip(batches, outs):
+        assert_rel_close(out.cpu(), ref(x, y))
+    assert_rel_close(memory.mean.cpu(), ref.mean)
+
+
+def test_training_step_with_amp_and_compile():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=4, num_classes=10).cuda()
+    x, y = torch.randn(32, 3, 32, 32, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
+    dnrt.convert(model, x[:1])
+    arr = dnrt.ARR(model, 10, weight=10.0)
+    scaler = torch.amp.GradScaler()
+    opt = torch.optim.AdamW(list(model.parameters()), lr=1e-3)
+    compiled = torch.compile(model)
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(compiled(x), y) + arr.loss(y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert torch.isfinite(loss)
+    assert model.blocks[0].mlp.act.weight.abs().sum() > 0
+    assert int(arr.memory.count.sum()) == 3 * 32
