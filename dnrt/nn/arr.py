@@ -24,6 +24,7 @@ class ARR(nn.Module):
 
     ``layers``: ``"auto"`` (see ``find_layers``) or module names. ``reduce``: ``"auto"``, ``"cls"``
     (token 0), ``"mean"`` (over tokens), ``"pool"`` (global average pool of a channels-first map).
+    ``sync``: under ``torch.distributed``, gather every process's responses before updating the memory.
     The per-class means of all tapped layers live side by side in one ``ResponseMemory`` (widths
     concatenated in ``layers`` order): one vectorised update and, under DDP, one gather per step. It
     updates when both ARR and the model are in training mode; ``arr.responses`` keeps the last reduced
@@ -39,6 +40,7 @@ class ARR(nn.Module):
         momentum: float = 0.1,
         order: str = "reference",
         weight: float = 1.0,
+        sync: bool = True,
     ) -> None:
         super().__init__()
         if reduce not in REDUCTIONS:
@@ -54,7 +56,7 @@ class ARR(nn.Module):
         if missing:
             raise DNRTError(f"ARR: no module named {missing[0]!r} in {type(model).__name__}")
         self.num_classes, self.reduce, self.weight = num_classes, reduce, weight
-        self._memory_options = dict(momentum=momentum, order=order)
+        self._memory_options = dict(momentum=momentum, order=order, sync=sync)
         ResponseMemory(num_classes, 1, **self._memory_options)  # fail early on a bad momentum or order
         self.register_module("memory", None)
         self._register_load_state_dict_pre_hook(_make_memory_for_state, with_module=True)

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import DNRTError
 from . import fused
@@ -32,6 +33,11 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
+    """Φ(z) as GELU(z)/z: GELU's kernel is vectorised on CPU where ``erf`` is not (3× faster eagerly)."""
+    return torch.where(z == 0, 0.5, F.gelu(z) / z)
+
+
 def raa_forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str):
     """Return ``(y, s)``: the activation and the shift ``s = wᵀx + b`` (``b`` alone when ``w`` is None)."""
     acc = _acc_dtype(x)
@@ -40,16 +46,20 @@ def raa_forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim
     else:
         s = torch.sum(x * _per_vector(w, dim), dim=dim, keepdim=True, dtype=acc) + b.to(acc)
     z = x + s
-    y = x * (0.5 + 0.5 * torch.erf(z * _SQRT_HALF)) if base == "gelu" else torch.relu(z)
+    y = x * _normal_cdf(z) if base == "gelu" else torch.relu(z)
     return y.to(x.dtype), s
 
 
 def raa_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str):
-    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)`` by SPEC §1 with ``u = Σ_c g_c ∂y_c/∂s`` per vector."""
+    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)`` by SPEC §1 with ``u = Σ_c g_c ∂y_c/∂s`` per vector.
+
+    ``g·Φ(z) + g·x·φ(z)`` is taken as GELU's backward ``g·(Φ(z) + z·φ(z))`` minus ``g·s·φ(z)``.
+    """
     z = x + s
     if base == "gelu":
-        g_pdf = grad * x * (torch.exp(-0.5 * z * z) * _INV_SQRT_2PI)
-        grad_x = grad * (0.5 + 0.5 * torch.erf(z * _SQRT_HALF)) + g_pdf
+        g_pdf_z = grad * (torch.exp(-0.5 * z * z) * _INV_SQRT_2PI)
+        grad_x = torch.ops.aten.gelu_backward(grad, z) - s * g_pdf_z
+        g_pdf = g_pdf_z * x
     else:
         g_pdf = grad * (z > 0)
         grad_x = g_pdf
