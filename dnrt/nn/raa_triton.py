@@ -8,6 +8,8 @@ row tiles and keep their share of ``∂L/∂w`` in registers, leaving a few part
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -72,6 +74,11 @@ def _backward_kernel(g_ptr, x_ptr, s_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, M, C, i
     tl.store(db_ptr + pid, tl.sum(db, axis=0))
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
 def _tiling(C: int):
     block_c = triton.next_power_of_2(C)
     return max(1, min(64, 4096 // block_c)), block_c, 4 if block_c <= 2048 else 8
@@ -102,8 +109,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: torch.Tens
     M, C, inner = _shape(x, dim)
     dx = torch.empty_like(x)
     block_m, block_c, warps = _tiling(C)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
-    programs = max(1, min(triton.cdiv(M, block_m), 4 * sms))
+    programs = max(1, min(triton.cdiv(M, block_m), 4 * _multiprocessors(x.device)))
     dw = torch.empty(programs, C, device=x.device, dtype=torch.float32)
     db = torch.empty(programs, device=x.device, dtype=torch.float32)
     _backward_kernel[(programs,)](grad, x, s, w, dx, dw, db, M, C, inner, BLOCK_M=block_m, BLOCK_C=block_c,
