@@ -29,7 +29,8 @@ def median_ms(fn, device: torch.device) -> float:
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0).median * 1e3
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=1.0).median * 1e3
 
 
 def plain_raa(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,8 @@ def step_ms(kind: str, device: torch.device, batch: int, compile_model: bool) ->
 
     for _ in range(3):
         step()
-    return Timer("step()", globals={"step": step}).blocked_autorange(min_run_time=2.0).median * 1e3
+    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=2.0).median * 1e3
 
 
 def main() -> None:

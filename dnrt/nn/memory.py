@@ -130,5 +130,6 @@ class ResponseMemory(nn.Module):
 def _all_gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenate ``t`` from every process in rank order."""
     out = t.new_empty((dist.get_world_size() * t.shape[0],) + tuple(t.shape[1:]))
-    dist.all_gather_into_tensor(out, t.contiguous())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.14
+    gather(out, t.contiguous())
     return out

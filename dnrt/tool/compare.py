@@ -1,0 +1,142 @@
+"""`dnrt compare`: one Markdown table of several runs' settings, accuracy and wall time.
+
+Also home of the run-directory reader (`read_run`) that `dnrt plot curves` shares.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from dnrt.errors import DNRTError
+
+COLUMNS = ("run", "model", "act", "ARR weight", "epochs", "best top-1", "last top-1", "wall time (s)",
+           "Δ best top-1")
+
+
+def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Read a run's log.txt (one JSON object per epoch); a resumed run's repeated epochs keep the last line."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise DNRTError(f"run directory not found: {run}")
+    log = run / "log.txt"
+    if not log.is_file():
+        raise DNRTError(f"no log.txt in {run}: not a run directory written by `dnrt train`")
+    rows: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DNRTError(f"{log}:{number}: not a JSON line ({e.msg})") from None
+        if not isinstance(row, dict) or "epoch" not in row:
+            raise DNRTError(f"{log}:{number}: a log line needs an 'epoch' key")
+        rows[int(row["epoch"])] = row
+    if not rows:
+        raise DNRTError(f"{log} holds no epochs yet")
+    return [rows[e] for e in sorted(rows)]
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run's config.json; an empty dict when the run has none (the table then shows '?')."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DNRTError(f"{path}: not valid JSON ({e.msg})") from None
+
+
+def arr_weight(cfg: dict[str, Any]) -> Optional[float]:
+    """The run's ARR weight λ, or None when the run trained without ARR."""
+    if cfg.get("criterion") != "arr":
+        return None
+    return float(cfg.get("arr_loss_coef", 0.0))
+
+
+def run_label(run_dir: str | Path, cfg: dict[str, Any]) -> str:
+    """A short legend label: directory name, model, activation and ARR weight."""
+    parts = [str(cfg.get("model", "?")), str(cfg.get("act") or "own act")]
+    weight = arr_weight(cfg)
+    if weight is not None:
+        parts.append(f"ARR λ={weight:g}")
+    return f"{Path(run_dir).name}: " + ", ".join(parts)
+
+
+def output_path(out: Optional[str | Path], default_dir: str | Path, name: str) -> Path:
+    """Where to write `name`: --out as a file when it has a suffix, else as a directory (default: default_dir)."""
+    target = Path(out) if out else Path(default_dir)
+    if target.suffix:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    return target / name
+
+
+def summarize_run(run_dir: str | Path) -> dict[str, Any]:
+    """One run's row: settings from config.json, accuracies and wall time from log.txt."""
+    cfg, log = read_config(run_dir), read_log(run_dir)
+    acc = [float(row["test_acc1"]) for row in log if row.get("test_acc1") is not None]
+    if not acc:
+        raise DNRTError(f"{Path(run_dir) / 'log.txt'}: no epoch evaluated yet (no test_acc1)")
+    return {
+        "run": str(run_dir),
+        "model": cfg.get("model", "?"),
+        "act": cfg.get("act") or "own",
+        "arr_weight": arr_weight(cfg),
+        "epochs": len(log),
+        "best_acc1": max(acc),
+        "last_acc1": acc[-1],  # the last evaluated epoch (eval_interval may skip some)
+        "wall_time_s": math.fsum(float(row.get("epoch_time", 0.0)) for row in log),
+    }
+
+
+def _cells(row: dict[str, Any], base_best: float) -> list[str]:
+    """Format one summary as Markdown cells (accuracy to 2 decimals, wall time to 1)."""
+    weight = "-" if row["arr_weight"] is None else f"{row['arr_weight']:g}"
+    return [row["run"], str(row["model"]), str(row["act"]), weight, str(row["epochs"]),
+            f"{row['best_acc1']:.2f}", f"{row['last_acc1']:.2f}", f"{row['wall_time_s']:.1f}",
+            f"{row['best_acc1'] - base_best:+.2f}"]
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Render summaries as a Markdown table; Δ is each run's best top-1 minus the first run's."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row, rows[0]["best_acc1"])) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def compare_runs(run_dirs: Sequence[str | Path]) -> str:
+    """The comparison table of the given runs, the first being the reference for Δ."""
+    if not run_dirs:
+        raise DNRTError("compare needs at least one run directory")
+    return markdown_table([summarize_run(d) for d in run_dirs])
+
+
+def write_comparison(run_dirs: Sequence[str | Path], out: Optional[str | Path] = None) -> Path:
+    """Write compare.md (and compare.json with the unrounded numbers) to --out or the first run directory."""
+    rows = [summarize_run(d) for d in run_dirs] if run_dirs else []
+    if not rows:
+        raise DNRTError("compare needs at least one run directory")
+    path = output_path(out, run_dirs[0], "compare.md")
+    path.write_text(markdown_table(rows))
+    path.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    return path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `dnrt compare`."""
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; the first is the reference")
+    parser.add_argument("--out", default=None, help="file or directory for compare.md (default: the first run dir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the comparison table and write it beside the first run."""
+    path = write_comparison(args.run_dirs, args.out)
+    print(path.read_text(), end="")
+    print(f"written: {path}")
+    return 0

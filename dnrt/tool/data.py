@@ -1,0 +1,212 @@
+"""Datasets by name: torchvision's, image folders, scikit-learn's digits, synthetic data, and long-tailed splits."""
+from __future__ import annotations
+
+import math
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision import transforms as T
+
+from dnrt.errors import DNRTError
+
+DOWNLOAD_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to build one dataset and what it holds."""
+
+    build: Callable[[dict, bool, Callable | None], Dataset]
+    num_classes: int | None  # None: counted from the folders
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # the paper's recipe by default (no_aug=None)
+
+
+def _torchvision(cls: type, root_name: str, split_kw: Callable[[bool], dict]) -> Callable:
+    """A builder for a torchvision dataset that turns a failed download into one clear DNRTError."""
+
+    def build(cfg: dict, train: bool, transform: Callable | None) -> Dataset:
+        root = Path(cfg["data_root"]).expanduser()
+        kwargs = dict(root=str(root), transform=transform, **split_kw(train))
+        try:
+            return cls(download=False, **kwargs)
+        except RuntimeError:
+            pass  # not in place: try to download it
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision sets none: a dropped connection would hang
+        try:
+            return cls(download=True, **kwargs)
+        except Exception:
+            raise DNRTError(f"dataset {root_name} is not in {root} and could not be downloaded; "
+                            f"put {_archives(cls)} into {_archive_folder(cls, root)}") from None
+        finally:
+            socket.setdefaulttimeout(previous)
+
+    return build
+
+
+def _archives(cls: type) -> str:
+    """The file names torchvision looks for, for the message of a missing dataset."""
+    if hasattr(cls, "filename"):  # CIFAR
+        return cls.filename
+    if hasattr(cls, "split_list"):  # SVHN
+        return " and ".join(cls.split_list[split][1] for split in ("train", "test"))
+    return ", ".join(name for name, _ in cls.resources)  # MNIST family
+
+
+def _archive_folder(cls: type, root: Path) -> Path:
+    return root / cls.__name__ / "raw" if hasattr(cls, "resources") else root
+
+
+def _image_folder(cfg: dict, train: bool, transform: Callable | None) -> Dataset:
+    """An ImageFolder under data_root/train or data_root/val (one folder per class)."""
+    folder = Path(cfg["data_root"]).expanduser() / ("train" if train else "val")
+    if not folder.is_dir():
+        raise DNRTError(f"dataset {cfg['dataset']}: folder {folder} not found; expected "
+                        f"{Path(cfg['data_root']) / 'train'}/<class>/<image> and {Path(cfg['data_root']) / 'val'}/<class>/<image>")
+    try:
+        return torchvision.datasets.ImageFolder(str(folder), transform=transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DNRTError(f"dataset {cfg['dataset']}: {e}") from None
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _digits(cfg: dict, train: bool, transform: Callable | None) -> Dataset:
+    """scikit-learn's bundled 8x8 digits in [0, 1], split half/half stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.5, stratify=y, random_state=0)
+    x, y = (x_train, y_train) if train else (x_test, y_test)
+    images = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    images = _resize(images, cfg["image_size"] or 8)
+    return TensorDataset(images, torch.tensor(y, dtype=torch.long))
+
+
+def _fake(cfg: dict, train: bool, transform: Callable | None) -> Dataset:
+    """Synthetic, learnable data for tests: a fixed random pattern per class plus noise (10 classes, 3 channels)."""
+    size = cfg["image_size"] or 32
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    patterns = torch.randn(10, 3, size, size, generator=gen)
+    n = 256 if train else 128
+    gen.manual_seed(cfg["seed"] + (1 if train else 2))
+    targets = torch.arange(n) % 10
+    images = patterns[targets] + 1.5 * torch.randn(n, 3, size, size, generator=gen)
+    return TensorDataset(images, targets)
+
+
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+SVHN_STATS = ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+MNIST_STATS = ((0.1307,), (0.3081,))
+FASHION_STATS = ((0.2860,), (0.3530,))
+IMAGENET_STATS = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+RAW = ((0.0,), (1.0,))  # digits and fake are tensors already, used as they are
+
+
+
+def _split(train: bool) -> dict:
+    return {"train": train}
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec(_torchvision(torchvision.datasets.CIFAR10, "cifar10", _split), 10, 3, 32, *CIFAR10_STATS, True),
+    "cifar100": DatasetSpec(_torchvision(torchvision.datasets.CIFAR100, "cifar100", _split), 100, 3, 32, *CIFAR100_STATS, True),
+    "mnist": DatasetSpec(_torchvision(torchvision.datasets.MNIST, "mnist", _split), 10, 1, 28, *MNIST_STATS, False),
+    "fashion_mnist": DatasetSpec(_torchvision(torchvision.datasets.FashionMNIST, "fashion_mnist", _split), 10, 1, 28,
+                                 *FASHION_STATS, False),
+    "svhn": DatasetSpec(_torchvision(torchvision.datasets.SVHN, "svhn", lambda t: {"split": "train" if t else "test"}),
+                        10, 3, 32, *SVHN_STATS, True),
+    "imagenet100": DatasetSpec(_image_folder, 100, 3, 224, *IMAGENET_STATS, True),
+    "imagenet1k": DatasetSpec(_image_folder, 1000, 3, 224, *IMAGENET_STATS, True),
+    "folder": DatasetSpec(_image_folder, None, 3, 224, *IMAGENET_STATS, True),
+    "digits": DatasetSpec(_digits, 10, 1, 8, *RAW, False),
+    "fake": DatasetSpec(_fake, 10, 3, 32, *RAW, False),
+}
+
+
+def _spec(name: str) -> tuple[DatasetSpec, bool]:
+    """The spec of a dataset name and whether it is the long-tailed (`_lt`) variant."""
+    long_tailed = name.endswith("_lt") and name[:-3] in DATASETS
+    base = name[:-3] if long_tailed else name
+    if base not in DATASETS:
+        known = ", ".join(list(DATASETS) + ["<name>_lt"])
+        raise DNRTError(f"unknown dataset '{name}'; known: {known}")
+    return DATASETS[base], long_tailed
+
+
+def dataset_info(cfg: dict) -> dict[str, int]:
+    """num_classes, in_chans and img_size the model needs for this dataset (image_size overrides the size)."""
+    spec, _ = _spec(cfg["dataset"])
+    num_classes = spec.num_classes
+    if num_classes is None:
+        train = Path(cfg["data_root"]).expanduser() / "train"
+        if not train.is_dir():
+            raise DNRTError(f"dataset folder: {train} not found; expected train/<class>/<image> and val/<class>/<image>")
+        num_classes = sum(1 for p in train.iterdir() if p.is_dir())
+    return dict(num_classes=num_classes, in_chans=spec.in_chans, img_size=cfg["image_size"] or spec.img_size)
+
+
+def build_transform(cfg: dict, train: bool) -> Callable:
+    """timm's create_transform with the paper's recipe for training (SPEC §3), or tensor + normalise when no_aug."""
+    spec, _ = _spec(cfg["dataset"])
+    size = cfg["image_size"] or spec.img_size
+    no_aug = (not spec.augment) if cfg["no_aug"] is None else cfg["no_aug"]
+    if no_aug:
+        return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
+    if train:
+        recipe = dict(scale=(0.08, 1.0), hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+                      interpolation="random", re_prob=0.25, re_mode="pixel", re_count=1)
+        kwargs = {**recipe, **cfg["train_aug_kwargs"]}
+    else:
+        kwargs = {"crop_pct": 0.875, "interpolation": "bicubic", **cfg["eval_aug_kwargs"]}
+    return create_transform(size, is_training=train, mean=spec.mean, std=spec.std, **kwargs)
+
+
+def targets_of(dataset: Dataset) -> list[int]:
+    """The class index of every sample, read from the dataset's label field without loading images."""
+    for field in ("targets", "labels"):
+        if hasattr(dataset, field):
+            return [int(t) for t in getattr(dataset, field)]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    raise DNRTError(f"cannot read the labels of {type(dataset).__name__} to make a long-tailed split")
+
+
+def long_tailed_indices(targets: Sequence[int], imbalance_factor: float) -> list[int]:
+    """Indices of a long-tailed subset: class i of K keeps floor(n_max * β^(-i/(K-1))) samples, in dataset order."""
+    targets = np.asarray(targets)
+    classes = np.unique(targets)
+    n_max = max(int((targets == c).sum()) for c in classes)
+    keep: list[int] = []
+    for i, c in enumerate(classes):
+        n_i = math.floor(n_max * imbalance_factor ** (-i / max(len(classes) - 1, 1)))
+        keep.extend(np.flatnonzero(targets == c)[:n_i].tolist())
+    return sorted(keep)
+
+
+def build_dataset(cfg: dict, train: bool) -> Dataset:
+    """The training or test set named by cfg['dataset'], transformed; `<name>_lt` subsamples the training set."""
+    spec, long_tailed = _spec(cfg["dataset"])
+    dataset = spec.build(cfg, train, build_transform(cfg, train))
+    if long_tailed and train:
+        if cfg["imbalance_factor"] < 1:
+            raise DNRTError(f"imbalance_factor must be >= 1, got {cfg['imbalance_factor']}")
+        dataset = Subset(dataset, long_tailed_indices(targets_of(dataset), cfg["imbalance_factor"]))
+    return dataset

@@ -1,0 +1,83 @@
+"""torchrun / DistributedDataParallel set-up and the few collective helpers the tool needs."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dnrt.errors import DNRTError
+
+
+def is_distributed() -> bool:
+    """True once a process group is running."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun (or torch.distributed.run) started this process with more than one process."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def get_rank() -> int:
+    """This process's rank; torchrun's RANK before the group starts and after it ends."""
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Only rank 0 writes files and prints."""
+    return get_rank() == 0
+
+
+def select_device(requested: str | None) -> torch.device:
+    """The device for this process: the requested one, else CUDA (this process's local GPU) when available."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DNRTError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun prepared: NCCL on GPUs, Gloo on CPU; nothing when run as one process."""
+    if not launched_by_torchrun() or is_distributed():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a list of numbers over all processes."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj`, in rank order."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def cleanup() -> None:
+    """Leave the process group, if any."""
+    if is_distributed():
+        dist.destroy_process_group()

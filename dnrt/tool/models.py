@@ -1,0 +1,230 @@
+"""Models by name, built from timm and torchvision (adapted for 32x32 input where needed), then dnrt.convert."""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable
+
+import timm
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from dnrt.errors import DNRTError
+
+
+def _timm(name: str, **fixed: Any) -> Callable[..., nn.Module]:
+    """A builder for a timm architecture with some constructor arguments fixed (e.g. patch 4 for 32x32)."""
+
+    def build(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+        args = {"img_size": img_size, **fixed, **kwargs}
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **args)
+
+    return build
+
+
+def _pvt_v2_b0(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """timm has PVT v2 only: pvt_v2_b0 (3.4 M parameters) stands in for PVT-Tiny. Fully convolutional: no img_size."""
+    model = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if img_size <= 64:  # stride 2 instead of 4 in the first patch embedding: 16x16 tokens for 32x32 input
+        model.patch_embed.proj.stride = (2, 2)
+    return model
+
+
+def _small_input(img_size: int) -> bool:
+    return img_size <= 64
+
+
+def _first_conv(conv: nn.Conv2d, in_chans: int, **changes: Any) -> nn.Conv2d:
+    """A fresh copy of `conv` with other input channels, kernel, stride or padding."""
+    args = dict(in_channels=in_chans, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                stride=conv.stride, padding=conv.padding, bias=conv.bias is not None)
+    return nn.Conv2d(**{**args, **changes})
+
+
+def _alexnet(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """torchvision AlexNet; for small input the 11x11/4 stem becomes 3x3/2 so the three max-pools still fit."""
+    model = torchvision.models.alexnet(num_classes=num_classes, **kwargs)
+    small = dict(kernel_size=3, stride=2, padding=1) if _small_input(img_size) else {}
+    model.features[0] = _first_conv(model.features[0], in_chans, **small)
+    return model
+
+
+def _vgg11(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """torchvision VGG-11 unchanged: 32x32 input ends at 1x1, which its adaptive pool spreads to 7x7."""
+    model = torchvision.models.vgg11(num_classes=num_classes, **kwargs)
+    model.features[0] = _first_conv(model.features[0], in_chans)
+    return model
+
+
+def _resnet18(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """torchvision ResNet-18 with its ImageNet stem (7x7/2 conv + max-pool)."""
+    model = torchvision.models.resnet18(num_classes=num_classes, **kwargs)
+    model.conv1 = _first_conv(model.conv1, in_chans)
+    return model
+
+
+def _resnet18_cifar(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """torchvision ResNet-18 with the CIFAR stem: 3x3/1 conv and no max-pool."""
+    model = torchvision.models.resnet18(num_classes=num_classes, **kwargs)
+    model.conv1 = _first_conv(model.conv1, in_chans, kernel_size=3, stride=1, padding=1)
+    model.maxpool = nn.Identity()
+    return model
+
+
+class ResNet32Cifar(nn.Module):
+    """He et al.'s CIFAR ResNet-32 (3 stages of 5 basic blocks, 16/32/64 channels); neither torchvision nor timm has it.
+
+    Built from torchvision's BasicBlock, with 1x1-conv shortcuts where the shape changes.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, blocks_per_stage: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.layer1 = self._stage(16, 16, blocks_per_stage, stride=1)
+        self.layer2 = self._stage(16, 32, blocks_per_stage, stride=2)
+        self.layer3 = self._stage(32, 64, blocks_per_stage, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        shortcut = None
+        if stride != 1 or in_planes != planes:
+            shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(in_planes, planes, stride=stride, downsample=shortcut)]
+        layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _resnet32_cifar(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    return ResNet32Cifar(num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def _mobilenet_v2(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """torchvision MobileNetV2; for small input the stem conv has stride 1 (overall stride 16 instead of 32)."""
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes, **kwargs)
+    stem = model.features[0][0]
+    model.features[0][0] = _first_conv(stem, in_chans, stride=1 if _small_input(img_size) else stem.stride)
+    return model
+
+
+def _shufflenet_v2(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    """torchvision ShuffleNetV2 x1.0; for small input the stem conv has stride 1 and the max-pool is removed."""
+    model = torchvision.models.shufflenet_v2_x1_0(num_classes=num_classes, **kwargs)
+    stem = model.conv1[0]
+    model.conv1[0] = _first_conv(stem, in_chans, stride=1 if _small_input(img_size) else stem.stride)
+    if _small_input(img_size):
+        model.maxpool = nn.Identity()
+    return model
+
+
+class MLP(nn.Module):
+    """A plain multi-layer perceptron on flattened images; `blocks` lets ARR (layers="auto") tap every hidden layer."""
+
+    def __init__(self, num_classes: int, in_features: int, hidden: int = 256, depth: int = 3, drop: float = 0.0):
+        super().__init__()
+        widths = [in_features] + [hidden] * depth
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(a, b), nn.LayerNorm(b), nn.GELU(), nn.Dropout(drop)) for a, b in zip(widths, widths[1:])
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _mlp(num_classes: int, in_chans: int, img_size: int, **kwargs: Any) -> nn.Module:
+    return MLP(num_classes, in_chans * img_size * img_size, **kwargs)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "vit_tiny_patch4_32": _timm("vit_tiny_patch16_224", patch_size=4, drop_path_rate=0.1),
+    "vit_tiny_patch16_224": _timm("vit_tiny_patch16_224", drop_path_rate=0.1),
+    "deit_tiny_patch4_32": _timm("deit_tiny_patch16_224", patch_size=4, drop_path_rate=0.1),
+    "deit_tiny_patch16_224": _timm("deit_tiny_patch16_224", drop_path_rate=0.1),
+    "cait_xxs_patch4_32": _timm("cait_xxs24_224", patch_size=4),
+    "cait_xxs24_224": _timm("cait_xxs24_224"),
+    "pvt_tiny_32": _pvt_v2_b0,
+    "pvt_tiny_224": _pvt_v2_b0,
+    # TNT-Small for 32x32: 4x4 patches whose 16 pixels are the inner tokens (inner conv stride 1)
+    "tnt_small_patch4_32": _timm("tnt_s_patch16_224", patch_size=4, first_stride=1),
+    "tnt_s_patch16_224": _timm("tnt_s_patch16_224"),
+    "alexnet": _alexnet,
+    "vgg11": _vgg11,
+    "resnet18": _resnet18,
+    "resnet18_cifar": _resnet18_cifar,
+    "resnet32_cifar": _resnet32_cifar,
+    "mobilenet_v2": _mobilenet_v2,
+    "shufflenet_v2": _shufflenet_v2,
+    "mlp": _mlp,
+}
+
+
+def _from_library(lib: str, name: str, num_classes: int, in_chans: int, img_size: int, kwargs: dict) -> nn.Module:
+    """Any timm or torchvision model by name, with `kwargs` passed to its constructor."""
+    if lib == "timm":
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            raise DNRTError(f"unknown timm model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        args = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        try:
+            return timm.create_model(name, **{"img_size": img_size, **args})
+        except TypeError:  # an architecture without an img_size argument (CNNs, fully convolutional models)
+            return timm.create_model(name, **args)
+    if lib == "torchvision":
+        names = torchvision.models.list_models()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=3)
+            raise DNRTError(f"unknown torchvision model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        if in_chans != 3:
+            raise DNRTError(f"torchvision models take 3 input channels; the dataset has {in_chans}")
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    raise DNRTError(f"unknown model_lib '{lib}'; use 'timm', 'torchvision' or None")
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 32, act: str | None = None,
+                 model_lib: str | None = None, model_kwargs: dict | None = None) -> nn.Module:
+    """Build a model by name; entries of model_kwargs override the derived sizes; `act` swaps every activation."""
+    kwargs = dict(model_kwargs or {})
+    num_classes = kwargs.pop("num_classes", num_classes)
+    in_chans = kwargs.pop("in_chans", in_chans)
+    img_size = kwargs.pop("img_size", img_size)
+    if model_lib is not None:
+        model = _from_library(model_lib, name, num_classes, in_chans, img_size, kwargs)
+    elif name in MODELS:
+        try:
+            model = MODELS[name](num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+        except TypeError as e:
+            raise DNRTError(f"model {name}: bad model_kwargs ({e})") from None
+    else:
+        close = difflib.get_close_matches(name, MODELS, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise DNRTError(f"unknown model '{name}'; {hint}known: {', '.join(MODELS)} (or set model_lib='timm'/'torchvision')")
+    if act is not None:
+        from dnrt import convert
+
+        example = torch.zeros(2, in_chans, img_size, img_size)
+        model.eval()  # the dry forward of convert must not touch BatchNorm statistics
+        convert(model, example, activation=act, replace="all")
+        model.train()
+    return model
+
+
+def build_arr(model: nn.Module, cfg: dict, num_classes: int) -> Any:
+    """dnrt.ARR on `model` when cfg['criterion'] == 'arr', else None; build it before wrapping the model in DDP."""
+    if cfg["criterion"] == "ce":
+        return None
+    if cfg["criterion"] != "arr":
+        raise DNRTError(f"unknown criterion '{cfg['criterion']}'; use 'ce' or 'arr'")
+    from dnrt import ARR
+
+    return ARR(model, num_classes, layers=cfg["arr_layers"] or "auto", momentum=cfg["arr_momentum"],
+               order=cfg["arr_order"], weight=cfg["arr_loss_coef"])
