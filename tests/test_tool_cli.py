@@ -9,24 +9,10 @@ import pytest
 import torch
 
 from dnrt.tool.cli import main
+from tiny_config import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = """
-dataset = "fake"
-image_size = 8
-model = "vit_tiny_patch4_32"
-model_kwargs = {"depth": 2, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.0}
-act = "raa"
-criterion = "arr"
-arr_loss_coef = 1.0
-batch_size = 32
-lr = 1e-3
-epochs = 2
-warmup_epochs = 1
-num_workers = 0
-amp = False
-device = "cpu"
-"""
+
 # run under torch.distributed.run: a normal main.py run, then every rank dumps its final model and ARR memory
 RANK_SCRIPT = """
 import os, sys, torch

@@ -7,24 +7,8 @@ import torch
 
 from dnrt.tool.checkpoint import load_run
 from dnrt.tool.cli import main, main_py
+from tiny_config import TINY
 
-TINY = """
-dataset = "fake"
-image_size = 8
-model = "vit_tiny_patch4_32"
-model_kwargs = {"depth": 2, "embed_dim": 32, "num_heads": 2, "drop_path_rate": 0.0}
-act = "raa"
-criterion = "arr"
-arr_loss_coef = 1.0
-batch_size = 32
-lr = 1e-3
-epochs = 2
-warmup_epochs = 1
-num_workers = 0
-amp = False
-device = "cpu"
-save_interval = 1
-"""
 
 
 def read_log(run):

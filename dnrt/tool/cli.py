@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
+from typing import Callable, Sequence
 
 from dnrt.errors import DNRTError
 
@@ -88,10 +88,23 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console script `dnrt`: user errors print one line `error: ...` and return 1."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _user_facing(run: Callable[[], int]) -> int:
+    """Run a command; a user error prints one line `error: ...` and returns 1, never a traceback."""
     try:
+        return run()
+    except DNRTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script `dnrt`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def run() -> int:
         command = argv[0] if argv else None
         parser = _build_parser(command)
         if command in ("train", "eval"):
@@ -100,12 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_tool(args, overrides)
         args = parser.parse_args(argv)
         return int(_load_command(args.command).run(args) or 0)
-    except DNRTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    return _user_facing(run)
 
 
 def main_py(argv: Sequence[str] | None = None) -> int:
@@ -114,12 +123,9 @@ def main_py(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="main.py", description="Train or evaluate a DNRT model from a config",
                                      epilog=OVERRIDES_HELP, allow_abbrev=False)
     add_run_arguments(parser)
-    try:
+
+    def run() -> int:
         args, overrides = parser.parse_known_args(argv)
         return run_tool(args, overrides)
-    except DNRTError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    return _user_facing(run)
