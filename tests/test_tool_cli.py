@@ -106,3 +106,16 @@ def test_two_gloo_processes_agree(tmp_path):
     counts = [v for k, v in ranks[0]["arr"].items() if k.endswith("count")]
     # 256 fake training images, split over 2 ranks, for 2 epochs: each memory saw every sample of both ranks
     assert counts and all(int(c.sum()) == 512 for c in counts)
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    reader = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=subprocess.PIPE)
+    writer = subprocess.run(
+        [sys.executable, "-c", "import sys; from dnrt.tool.cli import main; sys.exit(main(sys.argv[1:]))",
+         "reproduce", "table1", "--dry-run"],
+        stdout=reader.stdin, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120,
+    )
+    reader.stdin.close()
+    reader.wait()
+    assert writer.returncode == 0
+    assert "Traceback" not in writer.stderr
