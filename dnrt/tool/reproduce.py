@@ -22,6 +22,13 @@ GRAPH_DATASETS = ("dgraphfin", "karate", "digits_knn")
 
 # ---------------------------------------------------------------- the grid
 # A recipe is the training setting shared by a model family on a kind of data: (why, config values).
+# the CPU study's training settings, shared by its ViT and MLP recipes
+_DIGITS_CPU: dict[str, Any] = dict(
+    batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=0.05, epochs=30, scheduler="cosine", warmup_epochs=3,
+    warmup_lr=1e-5, min_lr=1e-5, clip_max_norm=1.0, amp=False, seed=0, num_workers=0, device="cpu",
+    print_freq=1000, save_interval=1000,
+)
+
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_cifar": (
         "ViTs on 32x32 CIFAR: the authors' configs (SPEC section 3). Augmentation: the tool's default, "
@@ -80,17 +87,12 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_digits": (
         "Small-scale CPU study: a 4-block ViT (width 64, 4 heads, patch 2) on sklearn's 8x8 digits, AdamW, "
         "30 epochs, batch 32 (28 steps per epoch on the 898 training images), no augmentation.",
-        dict(batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=0.05, epochs=30, scheduler="cosine",
-             warmup_epochs=3, warmup_lr=1e-5, min_lr=1e-5, clip_max_norm=1.0, amp=False, seed=0, num_workers=0,
-             device="cpu", print_freq=1000, save_interval=1000,
-             model_kwargs={"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}),
+        dict(_DIGITS_CPU, model_kwargs={"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}),
     ),
     "mlp_digits": (
         "Small-scale CPU study: the tool's MLP (3 hidden layers of 256, LayerNorm) on sklearn's 8x8 digits, "
         "AdamW, 30 epochs, batch 32, no augmentation.",
-        dict(batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=0.05, epochs=30, scheduler="cosine",
-             warmup_epochs=3, warmup_lr=1e-5, min_lr=1e-5, clip_max_norm=1.0, amp=False, seed=0, num_workers=0,
-             device="cpu", print_freq=1000, save_interval=1000),
+        dict(_DIGITS_CPU),
     ),
 }
 
