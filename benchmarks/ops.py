@@ -1,6 +1,9 @@
 """Speed and memory of the core ops, each as a ratio measured side by side in one run.
 
-    python benchmarks/ops.py [--device cpu|cuda] [--skip-fused]
+    python benchmarks/ops.py [--device cpu|cuda] [--skip-fused] [--malloc-top-pad MIB]
+
+Each comparison times its candidates in interleaved rounds and reports, per candidate, the median time
+and the median of its per-round ratio to the baseline, so that drift in a shared machine's speed cancels.
 
 1. RAA forward+backward vs nn.GELU on a [64, 65, 768] float32 tensor (the Function eagerly, the same
    math as fused kernels, and a plain-autograd RAA for reference); goal ≤ 1.5×.
@@ -12,8 +15,11 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import platform
+import statistics
+from typing import Callable, Dict
 
 import timm
 import torch
@@ -24,13 +30,30 @@ import dnrt
 from dnrt.nn import fused
 
 
-def median_ms(fn, device: torch.device) -> float:
-    """Median wall time of ``fn`` in milliseconds (torch.utils.benchmark synchronises CUDA)."""
-    fn()
+def side_by_side(fns: Dict[str, Callable[[], None]], device: torch.device, rounds: int = 9) -> Dict[str, tuple]:
+    """``{name: (median ms, median per-round ratio to the first fn)}`` over interleaved timing rounds."""
+    for fn in fns.values():
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=1.0).median * 1e3
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            times[name].append(timer.blocked_autorange(min_run_time=0.2).median * 1e3)
+    base = times[next(iter(fns))]
+    return {name: (statistics.median(t), statistics.median(a / b for a, b in zip(t, base))) for name, t in times.items()}
+
+
+def fused_mode(mode, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` run with ``dnrt.nn.fused.set_fused(mode)``."""
+    def run() -> None:
+        fused.set_fused(mode)
+        try:
+            fn()
+        finally:
+            fused.set_fused("auto")
+    return run
 
 
 def plain_raa(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -49,20 +72,15 @@ def activation_speed(device: torch.device, with_fused: bool) -> None:
     runs = {
         "nn.GELU": lambda: gelu(x).backward(g),
         "RAA plain autograd": lambda: plain_raa(x, raa.weight, raa.bias).backward(g),
+        "dnrt.RAA eager": fused_mode(False, lambda: raa(x).backward(g)),
     }
-    fused.set_fused(False)
-    base = median_ms(runs["nn.GELU"], device)
-    results = {"nn.GELU": base, "RAA plain autograd": median_ms(runs["RAA plain autograd"], device)}
-    results["dnrt.RAA eager"] = median_ms(lambda: raa(x).backward(g), device)
+    if device.type == "cuda":
+        runs["dnrt.RAA (Triton)"] = lambda: raa(x).backward(g)
     if with_fused:
-        fused.set_fused(True)
-        results["dnrt.RAA fused"] = median_ms(lambda: raa(x).backward(g), device)
-        fused.set_fused("auto")
-    results["nn.GELU (again)"] = median_ms(runs["nn.GELU"], device)
-    base = min(base, results["nn.GELU (again)"])
+        runs["dnrt.RAA compiled"] = fused_mode(True, lambda: raa(x).backward(g))
     print(f"\n1. forward+backward on [64, 65, 768] float32, {device.type} (goal: dnrt.RAA ≤ 1.5× nn.GELU)")
-    for name, ms in results.items():
-        print(f"   {name:22s} {ms:8.3f} ms   {ms / base:5.2f}×")
+    for name, (ms, ratio) in side_by_side(runs, device).items():
+        print(f"   {name:22s} {ms:8.3f} ms   {ratio:5.2f}×")
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arr=None) -> int:
@@ -140,24 +158,29 @@ def memory_speed(device: torch.device) -> None:
     means = [torch.zeros(classes, width) for _ in range(layers)]
     seen = [[False] * classes for _ in range(layers)]
 
-    def vectorised() -> None:
-        memory(torch.cat(responses, dim=1), targets)
-
-    fast = median_ms(vectorised, device)
-    slow = median_ms(lambda: loop_update(means, seen, responses, targets, 0.1), device)
+    results = side_by_side({
+        "per-sample Python loop": lambda: loop_update(means, seen, responses, targets, 0.1),
+        "dnrt.ResponseMemory": lambda: memory(torch.cat(responses, dim=1), targets),
+    }, device)
     print(f"\n3. memory update, batch {batch}, {classes} classes, {layers} layers × {width}, {device.type} (goal ≥ 50×)")
-    print(f"   per-sample Python loop {slow:8.3f} ms")
-    print(f"   dnrt.ResponseMemory    {fast:8.3f} ms   {slow / fast:5.1f}× faster")
+    (loop_ms, _), (fast_ms, ratio) = results.values()
+    print(f"   per-sample Python loop {loop_ms:8.3f} ms")
+    print(f"   dnrt.ResponseMemory    {fast_ms:8.3f} ms   {1 / ratio:5.1f}× faster")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-fused", action="store_true", help="skip the compiled kernels (they compile on first use)")
+    parser.add_argument("--malloc-top-pad", type=int, metavar="MIB",
+                        help="glibc only: keep this much freed heap instead of returning it to the OS (M_TOP_PAD)")
     args = parser.parse_args()
+    if args.malloc_top_pad is not None:
+        ctypes.CDLL("libc.so.6").mallopt(-2, args.malloc_top_pad << 20)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}, timm {timm.__version__}")
+    pad = "" if args.malloc_top_pad is None else f"; malloc top pad {args.malloc_top_pad} MiB"
+    print(f"device: {name}; torch {torch.__version__}, timm {timm.__version__}{pad}")
     activation_speed(device, not args.skip_fused)
     activation_memory(device)
     memory_speed(device)

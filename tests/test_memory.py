@@ -33,9 +33,17 @@ def assert_rel_close(got, want, rel=1e-5):
     assert err <= rel, f"relative error {err:.2e}"
 
 
+@pytest.fixture(params=["rank loop", "scan"])
+def algorithm(request, monkeypatch):
+    """Run a test with each of the memory's two algorithms (the CPU picks by the longest class run)."""
+    if request.param == "scan":
+        monkeypatch.setattr(dnrt.nn.memory, "RANK_LOOP_MAX_RUN", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("order", ["reference", "paper"])
 @pytest.mark.parametrize("momentum", [0.01, 0.1, 0.5, 1.0])
-def test_matches_sequential_over_many_batches(order, momentum):
+def test_matches_sequential_over_many_batches(order, momentum, algorithm):
     g = torch.Generator().manual_seed(1)
     memory, ref = dnrt.ResponseMemory(7, 5, momentum, order), Sequential(7, 5, momentum, order)
     seen = []
@@ -48,14 +56,15 @@ def test_matches_sequential_over_many_batches(order, momentum):
 
 
 @pytest.mark.parametrize("momentum", [1e-3, 0.1, 0.999, 1.0])
-def test_4096_samples_of_one_class(momentum):
+@pytest.mark.parametrize("batch", [4096, 64])
+def test_long_runs_of_one_class(momentum, batch):
     g = torch.Generator().manual_seed(2)
     memory, ref = dnrt.ResponseMemory(3, 8, momentum), Sequential(3, 8, momentum, "reference")
     for _ in range(2):
-        x, y = torch.randn(4096, 8, generator=g) + 3, torch.full((4096,), 2)
+        x, y = torch.randn(batch, 8, generator=g) + 3, torch.full((batch,), 2)
         assert_rel_close(memory(x, y), ref(x, y))
     assert_rel_close(memory.mean, ref.mean)
-    assert memory.count.tolist() == [0, 0, 8192]
+    assert memory.count.tolist() == [0, 0, 2 * batch]
 
 
 def test_counts_classes_and_orders_agree_on_memory():

@@ -69,6 +69,13 @@ def test_fresh_raa_equals_its_base(base, static, dim):
     torch.testing.assert_close(dnrt.RAA(6, base=base, channel_dim=dim)(x), static(x), atol=1e-6, rtol=1e-6)
 
 
+def test_zero_is_exact_and_nan_is_not_hidden():
+    x = torch.tensor([[0.0, 1e-30, -40.0, 40.0, 3.0], [0.0, float("nan"), 1.0, 2.0, 3.0]])
+    y = dnrt.RAA(5)(x)
+    torch.testing.assert_close(y[0], nn.functional.gelu(x[0]), atol=0, rtol=0)
+    assert torch.isnan(y[1]).all()
+
+
 def test_bfloat16_autocast_on_cpu():
     torch.manual_seed(0)
     layer, act = nn.Linear(8, 6), randomised("gelu", "vector", -1, torch.float32)

@@ -1,13 +1,13 @@
 """Per-class running means of a layer's aggregated responses (ARR's memory, SPEC §2), updated without loops.
 
 The sequential definition — samples update ``μ_k`` one at a time in batch order, the first sample of a
-class sets it, later ones do ``μ ← (1 − m)μ + m·x`` — is a per-class linear recurrence. It is computed
-here for a whole batch at once by sorting samples by class and running a parallel prefix scan
-(log₂ B doubling steps, each one multiply-add of the batch with itself shifted) over the sorted batch: every sample gets the mean
-right after its own update, with no Python loop over samples and no host-device synchronisation.
-The scan's coefficients are products of ``(1 − m)``, kept in float64 so that powers like ``0.999⁴⁰⁹⁶`` do
-not inherit float32's rounding of ``m``; they only shrink, so the scan is stable for any batch size and
-any momentum in (0, 1].
+class sets it, later ones do ``μ ← (1 − m)μ + m·x`` — is a per-class linear recurrence, computed here for a
+whole batch at once, so every sample gets the mean right after its own update with no Python loop over
+samples. On the CPU the batch is laid out rank-major and each rank (the r-th sample of every class) is one
+vectorised step; elsewhere a parallel prefix scan over the batch sorted by class needs no host-device
+synchronisation. The scan's coefficients are products of ``(1 − m)``, kept in float64 so that powers like
+``0.999⁴⁰⁹⁶`` do not inherit float32's rounding of ``m``; they only shrink, so the scan is stable for any
+batch size and any momentum in (0, 1].
 """
 from __future__ import annotations
 
@@ -35,13 +35,52 @@ def _check_inputs(responses: torch.Tensor, targets: torch.Tensor, num_classes: i
             raise DNRTError(f"targets must lie in [0, {num_classes - 1}], got values in [{low}, {high}]")
 
 
-def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, ys: torch.Tensor, momentum: float):
-    """Each sample's class mean right after its own update, for a batch already sorted by class.
+RANK_LOOP_MAX_RUN = 64
+"""Longest run of one class for which the CPU uses the rank loop (one op per rank) over the scan."""
 
-    ``mean0[K, d]`` and ``seen[K]`` (bool) are the memory before the batch. Returns ``[B, d]``.
-    The scan needs log₂ of the longest run of one class: read on the host for CPU tensors (no device to
-    wait for), bounded by the batch size on accelerators (no synchronisation).
+
+def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, momentum: float):
+    """Each sample's class mean right after its own sequential update, and each present class's final mean.
+
+    ``mean0[K, d]`` and ``seen[K]`` (bool) are the memory before the batch. Returns ``(after [B, d], classes,
+    final [len(classes), d])``. On the CPU, where reading a count costs nothing, short class runs take the
+    rank loop; otherwise the doubling scan, which needs no host-device synchronisation.
     """
+    if x.device.type == "cpu" and targets.numel() and int(torch.bincount(targets).max()) <= RANK_LOOP_MAX_RUN:
+        return _rank_loop(mean0, seen, x, targets, momentum)
+    return _doubling_scan(mean0, seen, x, targets, momentum)
+
+
+def _rank_loop(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, momentum: float):
+    """The recurrence one rank at a time. With the rows laid out rank-major and the classes ordered by count,
+    the r-th samples of all classes form one contiguous block right after their predecessors' block, so
+    each rank is one in-place ``lerp`` of two slices: about three passes over the batch in all."""
+    counts = torch.bincount(targets, minlength=seen.shape[0])
+    sizes, classes = torch.sort(counts, descending=True, stable=True)
+    per_rank = (sizes > torch.arange(int(sizes[0])).unsqueeze(1)).sum(1)
+    offsets = torch.cumsum(per_rank, 0) - per_rank
+    ys, order = torch.sort(targets, stable=True)
+    batch = torch.arange(targets.shape[0])
+    rank = torch.empty_like(order).scatter_(0, order, batch - (torch.cumsum(counts, 0) - counts)[ys])
+    slot = torch.empty_like(classes).scatter_(0, classes, torch.arange(classes.shape[0]))
+    row = offsets[rank] + slot[targets]
+    out = x.index_select(0, torch.empty_like(row).scatter_(0, row, batch))
+    present = int(per_rank[0])
+    classes = classes[:present]
+    first_weight = torch.where(seen[classes], momentum, 1.0).to(x.dtype).unsqueeze(1)
+    torch.lerp(mean0.index_select(0, classes), out[:present], first_weight, out=out[:present])
+    starts, lengths = offsets.tolist(), per_rank.tolist()
+    for prev, start, n in zip(starts, starts[1:], lengths[1:]):
+        torch.lerp(out[prev:prev + n], out[start:start + n], momentum, out=out[start:start + n])
+    last = offsets[sizes[:present] - 1] + torch.arange(present)
+    return out.index_select(0, row), classes, out.index_select(0, last)
+
+
+def _doubling_scan(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, momentum: float):
+    """The recurrence as a parallel prefix scan over the batch sorted by class: log₂ B doubling steps, each
+    one multiply-add of the batch with itself shifted (log₂ of the longest run on the CPU)."""
+    ys, order = torch.sort(targets, stable=True)
+    sorted_x = x.index_select(0, order)
     n = ys.shape[0]
     longest = int(torch.bincount(ys).max()) if ys.device.type == "cpu" and n else n
     pos = torch.arange(n, device=ys.device)
@@ -49,7 +88,7 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, y
     rank = pos - start[ys]
     first_of_new = (rank == 0) & ~seen[ys]
     decay = torch.full((n,), 1.0 - momentum, dtype=torch.float64, device=x.device).masked_fill(first_of_new, 0.0)
-    value = x * _column(torch.where(first_of_new, 1.0, momentum), x)
+    value = sorted_x * _column(torch.where(first_of_new, 1.0, momentum), x)
     spare = torch.empty_like(value)
     for step in range(math.ceil(math.log2(longest)) if longest > 1 else 0):
         offset = 1 << step
@@ -58,7 +97,11 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, y
         torch.add(value[offset:], value[:-offset] * _column(decay[offset:] * linked, x), out=spare[offset:])
         decay = torch.cat([decay[:offset], torch.where(linked, decay[offset:] * decay[:-offset], decay[offset:])])
         value, spare = spare, value
-    return value + mean0.index_select(0, ys) * _column(decay, x)
+    after = value + mean0.index_select(0, ys) * _column(decay, x)
+    last = torch.full_like(seen, -1, dtype=torch.long).scatter_reduce(0, ys, pos, "amax")
+    final = torch.where((last >= 0).unsqueeze(1), after.index_select(0, last.clamp(min=0)), mean0)
+    unsort = torch.empty_like(order).scatter_(0, order, pos)
+    return after.index_select(0, unsort), torch.arange(seen.shape[0], device=x.device), final
 
 
 def _column(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -103,28 +146,16 @@ class ResponseMemory(nn.Module):
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             local = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
             x, targets = _all_gather(x), _all_gather(targets)
-        ys, order = torch.sort(targets, stable=True)
-        after = sequential_means(self.mean, self.count > 0, x.index_select(0, order), ys, self.momentum)
-        if self.order == "reference":
-            unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
-            result = after.index_select(0, unsort)
-        else:
-            result = self._before(x, targets)
-        self._store(after, ys)
+        after, classes, final = sequential_means(self.mean, self.count > 0, x, targets, self.momentum)
+        result = after if self.order == "reference" else self._before(x, targets)
+        self.mean.index_copy_(0, classes, final)
+        self.count.scatter_add_(0, targets, torch.ones_like(targets))
         return result[local]
 
     def _before(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Each sample's class mean as it stands, or the sample itself where its class was never seen
         (an unseen class's mean is still all zeros, so a sum picks the right one without a select)."""
         return self.mean.index_select(0, targets) + x * _column(self.count.index_select(0, targets) == 0, x)
-
-    def _store(self, after: torch.Tensor, ys: torch.Tensor) -> None:
-        """Keep each class's mean after its last sample of the batch, and count the samples."""
-        pos = torch.arange(ys.shape[0], device=ys.device)
-        last = torch.full_like(self.count, -1).scatter_reduce(0, ys, pos, "amax")
-        present = _column(last >= 0, self.mean)
-        self.mean.mul_(1 - present).add_(after.index_select(0, last.clamp(min=0)).mul_(present))
-        self.count.scatter_add_(0, ys, torch.ones_like(ys))
 
 
 def _all_gather(t: torch.Tensor) -> torch.Tensor:
