@@ -1,5 +1,7 @@
 """ResponseMemory against the sequential definition of SPEC §2 (a Python loop over samples, float64)."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,6 +67,35 @@ def test_long_runs_of_one_class(momentum, batch):
         assert_rel_close(memory(x, y), ref(x, y))
     assert_rel_close(memory.mean, ref.mean)
     assert memory.count.tolist() == [0, 0, 2 * batch]
+
+
+TRITON_CHECK = """
+import sys
+import torch
+sys.path.insert(0, {tests!r})
+from dnrt.nn import memory_triton
+from test_memory import Sequential, assert_rel_close
+g = torch.Generator().manual_seed(1)
+for momentum, k, batches in [(0.1, 7, (1, 33, 200)), (1.0, 7, (64, 5)), (1e-3, 3, (4096,))]:
+    ref, mean, seen = Sequential(k, 300, momentum, "reference"), torch.zeros(k, 300), torch.zeros(k, dtype=torch.bool)
+    for batch in batches:
+        x, y = torch.randn(batch, 300, generator=g) + 2, torch.randint(0, k, (batch,), generator=g) % (2 if batch > 1000 else k)
+        after, classes, final = memory_triton.sequential_means(mean, seen, x, y, momentum)
+        assert_rel_close(after, ref(x, y))
+        mean, seen = mean.index_copy(0, classes, final), seen | (torch.bincount(y, minlength=k) > 0)
+        assert_rel_close(mean, ref.mean)
+print("memory kernel agrees")
+"""
+
+
+def test_triton_kernel_in_the_interpreter():
+    """The CUDA kernel's code, run by Triton's CPU interpreter against the sequential definition."""
+    pytest.importorskip("triton")
+    code = TRITON_CHECK.format(tests=os.path.dirname(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "memory kernel agrees" in done.stdout
 
 
 def test_counts_classes_and_orders_agree_on_memory():

@@ -4,13 +4,15 @@ The sequential definition — samples update ``μ_k`` one at a time in batch ord
 class sets it, later ones do ``μ ← (1 − m)μ + m·x`` — is a per-class linear recurrence, computed here for a
 whole batch at once, so every sample gets the mean right after its own update with no Python loop over
 samples. On the CPU the batch is laid out rank-major and each rank (the r-th sample of every class) is one
-vectorised step; elsewhere a parallel prefix scan over the batch sorted by class needs no host-device
-synchronisation. The scan's coefficients are products of ``(1 − m)``, kept in float64 so that powers like
+vectorised step; on CUDA a Triton kernel walks each class's samples in order, one program per class;
+elsewhere a parallel prefix scan over the batch sorted by class. Neither of the last two synchronises
+with the host. The scan's coefficients are products of ``(1 − m)``, kept in float64 so that powers like
 ``0.999⁴⁰⁹⁶`` do not inherit float32's rounding of ``m``; they only shrink, so the scan is stable for any
 batch size and any momentum in (0, 1].
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,11 +46,24 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, t
 
     ``mean0[K, d]`` and ``seen[K]`` (bool) are the memory before the batch. Returns ``(after [B, d], classes,
     final [len(classes), d])``. On the CPU, where reading a count costs nothing, short class runs take the
-    rank loop; otherwise the doubling scan, which needs no host-device synchronisation.
+    rank loop; float32 on CUDA takes the Triton kernel; otherwise the doubling scan. The last two need no
+    host-device synchronisation.
     """
+    kernels = _triton() if x.is_cuda and x.dtype == torch.float32 else None
+    if kernels is not None:
+        return kernels.sequential_means(mean0, seen, x, targets, momentum)
     if x.device.type == "cpu" and targets.numel() and int(torch.bincount(targets).max()) <= RANK_LOOP_MAX_RUN:
         return _rank_loop(mean0, seen, x, targets, momentum)
     return _doubling_scan(mean0, seen, x, targets, momentum)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    try:
+        from . import memory_triton
+    except ImportError:
+        return None
+    return memory_triton
 
 
 def _rank_loop(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, momentum: float):
