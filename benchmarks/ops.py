@@ -18,31 +18,15 @@ import argparse
 import ctypes
 import math
 import platform
-import statistics
-from typing import Callable, Dict
+from typing import Callable
 
 import timm
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import dnrt
 from dnrt.nn import fused
-
-
-def side_by_side(fns: Dict[str, Callable[[], None]], device: torch.device, rounds: int = 9) -> Dict[str, tuple]:
-    """``{name: (median ms, median per-round ratio to the first fn)}`` over interleaved timing rounds."""
-    for fn in fns.values():
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-            times[name].append(timer.blocked_autorange(min_run_time=0.2).median * 1e3)
-    base = times[next(iter(fns))]
-    return {name: (statistics.median(t), statistics.median(a / b for a, b in zip(t, base))) for name, t in times.items()}
+from timing import side_by_side
 
 
 def fused_mode(mode, fn: Callable[[], None]) -> Callable[[], None]:

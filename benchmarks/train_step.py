@@ -3,18 +3,22 @@
     python benchmarks/train_step.py [--device cuda] [--batch-size 256] [--compile]
 
 Side by side in one run, as ratios to GELU: what DNRT costs in a real step (forward, ARR, backward,
-AdamW), with AMP on CUDA.
+AdamW), with AMP on CUDA. Eager models are timed in interleaved rounds (ratios per round); compiled ones
+one after another, each after a dynamo reset, since dynamo does not guard on ARR's hooks.
 """
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import timm
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import dnrt
+from timing import side_by_side
+
+KINDS = ["GELU", "RAA", "RAA + ARR"]
 
 
 def build(kind: str, device: torch.device, example: torch.Tensor):
@@ -28,9 +32,9 @@ def build(kind: str, device: torch.device, example: torch.Tensor):
     return model, arr
 
 
-def step_ms(kind: str, device: torch.device, batch: int, compile_model: bool) -> float:
+def make_step(kind: str, device: torch.device, batch: int, compile_model: bool) -> Callable[[], None]:
+    """One AdamW training step of a fresh model of ``kind`` on a fixed random batch."""
     torch.manual_seed(0)
-    torch._dynamo.reset()
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     model, arr = build(kind, device, x[:1])
@@ -52,10 +56,18 @@ def step_ms(kind: str, device: torch.device, batch: int, compile_model: bool) ->
         scaler.step(opt)
         scaler.update()
 
-    for _ in range(3):
+    for _ in range(2):
         step()
-    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=2.0).median * 1e3
+    return step
+
+
+def compiled_times(device: torch.device, batch: int) -> dict:
+    """``{kind: (ms, ratio to GELU)}``, each model compiled and timed after a dynamo reset."""
+    times = {}
+    for kind in KINDS:
+        torch._dynamo.reset()
+        times[kind] = side_by_side({kind: make_step(kind, device, batch, True)}, device, rounds=3)[kind][0]
+    return {kind: (ms, ms / times["GELU"]) for kind, ms in times.items()}
 
 
 def main() -> None:
@@ -67,11 +79,13 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"ViT-Tiny patch 4, 32×32, batch {args.batch_size}, AdamW, clip 1.0, {name}")
-    for compile_model in [False, True] if args.compile else [False]:
-        times = {kind: step_ms(kind, device, args.batch_size, compile_model) for kind in ["GELU", "RAA", "RAA + ARR"]}
-        label = "torch.compile" if compile_model else "eager"
-        for kind, ms in times.items():
-            print(f"   {label:13s} {kind:10s} {ms:8.2f} ms/step   {ms / times['GELU']:5.3f}×")
+    rows = {"eager": side_by_side({kind: make_step(kind, device, args.batch_size, False) for kind in KINDS}, device,
+                                  rounds=5, min_run_time=1.0)}
+    if args.compile:
+        rows["torch.compile"] = compiled_times(device, args.batch_size)
+    for label, times in rows.items():
+        for kind, (ms, ratio) in times.items():
+            print(f"   {label:13s} {kind:10s} {ms:8.2f} ms/step   {ratio:5.3f}×")
 
 
 if __name__ == "__main__":

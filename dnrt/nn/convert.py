@@ -59,10 +59,8 @@ def convert(
     """
     types = _types(replace)
     calls = _trace(model, example_input, types)
-    names = dict((id(m), n) for n, m in model.named_modules(remove_duplicate=False))
-    for module_id, seen in calls.items():
+    for seen in calls.values():
         module = seen[0][0]
-        name = names[module_id]
         by_width = {}
         for _, width, dim in seen:
             by_width.setdefault((width, dim), _replacement(module, activation, replace, width, dim))

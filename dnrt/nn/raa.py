@@ -42,11 +42,12 @@ def _shift(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int
 
 
 def _normal_cdf(z: torch.Tensor) -> torch.Tensor:
-    """Φ(z), in a fresh tensor. Eagerly as GELU(z)/z (set to 0.5 where z = 0): CPU's GELU kernel
-    vectorises erf where ``torch.erf`` does not; a compiler gets the erf form, which it vectorises."""
+    """Φ(z), in a fresh tensor. Eagerly as GELU(z)/z, CPU's GELU kernel vectorising erf where ``torch.erf``
+    does not: 0/0 at z = 0 becomes 0.5, then adding 0·z puts NaN back where z itself is NaN or infinite
+    (two cheap in-place passes; a ``z == 0`` mask costs six times more). A compiler gets the erf form."""
     if torch.compiler.is_compiling():
         return 0.5 + 0.5 * torch.erf(z * _SQRT_HALF)
-    return F.gelu(z).div_(z).masked_fill_(z == 0, 0.5)
+    return F.gelu(z).div_(z).nan_to_num_(nan=0.5).add_(z, alpha=0)
 
 
 def _grad_pdf(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
