@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -52,8 +53,10 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, t
     kernels = _triton() if x.is_cuda and x.dtype == torch.float32 else None
     if kernels is not None:
         return kernels.sequential_means(mean0, seen, x, targets, momentum)
-    if x.device.type == "cpu" and targets.numel() and int(torch.bincount(targets).max()) <= RANK_LOOP_MAX_RUN:
-        return _rank_loop(mean0, seen, x, targets, momentum)
+    if x.device.type == "cpu" and targets.numel():
+        counts = np.bincount(targets.numpy(), minlength=seen.shape[0])
+        if counts.max() <= RANK_LOOP_MAX_RUN:
+            return _rank_loop(mean0, seen, x, targets.numpy(), counts, momentum)
     return _doubling_scan(mean0, seen, x, targets, momentum)
 
 
@@ -66,29 +69,33 @@ def _triton():
     return memory_triton
 
 
-def _rank_loop(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, momentum: float):
+def _rank_loop(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: np.ndarray, counts: np.ndarray,
+               momentum: float):
     """The recurrence one rank at a time. With the rows laid out rank-major and the classes ordered by count,
     the r-th samples of all classes form one contiguous block right after their predecessors' block, so
-    each rank is one in-place ``lerp`` of two slices: about three passes over the batch in all."""
-    counts = torch.bincount(targets, minlength=seen.shape[0])
-    sizes, classes = torch.sort(counts, descending=True, stable=True)
-    per_rank = (sizes > torch.arange(int(sizes[0])).unsqueeze(1)).sum(1)
-    offsets = torch.cumsum(per_rank, 0) - per_rank
-    ys, order = torch.sort(targets, stable=True)
-    batch = torch.arange(targets.shape[0])
-    rank = torch.empty_like(order).scatter_(0, order, batch - (torch.cumsum(counts, 0) - counts)[ys])
-    slot = torch.empty_like(classes).scatter_(0, classes, torch.arange(classes.shape[0]))
+    each rank is one in-place ``lerp`` of two slices: about three passes over the batch in all. The index
+    bookkeeping is done in NumPy, where a few hundred integers cost less than a PyTorch op's dispatch."""
+    classes = np.argsort(-counts, kind="stable")
+    sizes = counts[classes]
+    present = int(np.count_nonzero(sizes))
+    per_rank = (sizes[:present] > np.arange(sizes[0])[:, None]).sum(1)
+    offsets = np.cumsum(per_rank) - per_rank
+    order = np.argsort(targets, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(targets)) - (np.cumsum(counts) - counts)[targets[order]]
+    slot = np.empty_like(classes)
+    slot[classes] = np.arange(len(classes))
     row = offsets[rank] + slot[targets]
-    out = x.index_select(0, torch.empty_like(row).scatter_(0, row, batch))
-    present = int(per_rank[0])
-    classes = classes[:present]
-    first_weight = torch.where(seen[classes], momentum, 1.0).to(x.dtype).unsqueeze(1)
-    torch.lerp(mean0.index_select(0, classes), out[:present], first_weight, out=out[:present])
-    starts, lengths = offsets.tolist(), per_rank.tolist()
-    for prev, start, n in zip(starts, starts[1:], lengths[1:]):
+    inverse = np.empty_like(row)
+    inverse[row] = np.arange(len(row))
+    out = x.index_select(0, torch.from_numpy(inverse))
+    first = torch.from_numpy(classes[:present])
+    first_weight = torch.where(seen[first], momentum, 1.0).to(x.dtype).unsqueeze(1)
+    torch.lerp(mean0.index_select(0, first), out[:present], first_weight, out=out[:present])
+    for prev, start, n in zip(offsets.tolist(), offsets[1:].tolist(), per_rank[1:].tolist()):
         torch.lerp(out[prev:prev + n], out[start:start + n], momentum, out=out[start:start + n])
-    last = offsets[sizes[:present] - 1] + torch.arange(present)
-    return out.index_select(0, row), classes, out.index_select(0, last)
+    last = offsets[sizes[:present] - 1] + np.arange(present)
+    return out.index_select(0, torch.from_numpy(row)), first, out.index_select(0, torch.from_numpy(last))
 
 
 def _doubling_scan(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, momentum: float):
