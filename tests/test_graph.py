@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,16 @@ def test_train_graph_writes_a_run(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"] == "sage"
     with pytest.raises(DNRTError, match="unknown graph model 'gat'"):
         G.train_graph({**cfg, "model": "gat"})
+
+
+
+def test_dnrt_train_runs_a_graph_config_and_refuses_eval(tmp_path, capsys):
+    from dnrt.tool.cli import main
+
+    config = str(Path(__file__).parent.parent / "configs/paper/gnn_small/digits_knn_gcn_dnrt.py")
+    assert main(["train", "-c", config, "--epochs", "2", "--output_dir", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "log.txt").read_text().splitlines()]
+    best = max(rows, key=lambda r: r["valid_acc1"])
+    assert f"done: test {best['test_acc1']:.2f} at the best validation epoch {best['epoch']}" in capsys.readouterr().out
+    assert main(["train", "-c", config, "--eval", "-r", str(tmp_path / "checkpoint.pth")]) == 1
+    assert "graph runs (digits_knn) train in one go" in capsys.readouterr().err

@@ -46,6 +46,11 @@ def run_tool(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if args.eval:
         cfg["eval"] = True
 
+    from dnrt.tool.graph import GRAPHS
+
+    if cfg["dataset"] in GRAPHS:
+        return run_graph(cfg)
+
     from dnrt.tool.train import evaluate_checkpoint, train
 
     if cfg["eval"]:
@@ -61,6 +66,18 @@ def run_tool(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             print(f"done: best test top-1 {result['best_acc1']:.2f}%, last {result['test_acc1']:.2f}%. "
                   f"Outputs in {result['output_dir']}: config.json, log.txt, checkpoint.pth, checkpoint_best.pth, "
                   f"tensorboard/", flush=True)
+    return 0
+
+
+def run_graph(cfg: dict) -> int:
+    """Train a GNN on a graph dataset (dnrt.tool.graph); it logs its test metric every epoch, so no --eval."""
+    from dnrt.tool.graph import train_graph
+
+    if cfg["eval"] or cfg["resume"]:
+        raise DNRTError(f"graph runs ({cfg['dataset']}) train in one go: they take no -r/--eval; log.txt has every epoch's test metric")
+    result = train_graph(cfg)
+    print(f"done: test {result['test_at_best_valid']:.2f} at the best validation epoch {result['epoch']} "
+          f"(validation {result['best_valid']:.2f}). Outputs in {cfg['output_dir']}: config.json, log.txt", flush=True)
     return 0
 
 
