@@ -6,4 +6,5 @@ from .fused import set_fused
 from .memory import ResponseMemory
 from .raa import RAA
 
-__all__ = ["ACTIVATIONS", "ARR", "GDN", "RAA", "ResponseMemory", "convert", "find_layers", "make_activation", "set_fused"]
+__all__ = ["ACTIVATIONS", "ARR", "GDN", "RAA", "ResponseMemory", "convert", "find_layers", "make_activation",
+           "set_fused"]

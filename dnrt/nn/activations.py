@@ -20,7 +20,8 @@ class GDN(nn.Module):
 
     _pedestal = 2.0 ** -36
 
-    def __init__(self, num_features: int, channel_dim: int = -1, beta_min: float = 1e-6, gamma_init: float = 0.1) -> None:
+    def __init__(self, num_features: int, channel_dim: int = -1, beta_min: float = 1e-6,
+                 gamma_init: float = 0.1) -> None:
         super().__init__()
         self.num_features, self.channel_dim, self.beta_min = num_features, channel_dim, beta_min
         self.beta_sqrt = nn.Parameter(torch.full((num_features,), (1.0 + self._pedestal) ** 0.5))
@@ -40,7 +41,8 @@ class GDN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[self.channel_dim] != self.num_features:
-            raise DNRTError(f"GDN({self.num_features}) got input of shape {tuple(x.shape)} along dim {self.channel_dim}")
+            raise DNRTError(f"GDN({self.num_features}) got input of shape {tuple(x.shape)} "
+                            f"along dim {self.channel_dim}")
         moved = x.movedim(self.channel_dim, -1)
         norm = torch.sqrt(moved.square() @ self.gamma.to(x.dtype).t() + self.beta.to(x.dtype))
         return (moved / norm).movedim(-1, self.channel_dim)

@@ -41,7 +41,8 @@ class WidthDispatch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = str(x.shape[self.channel_dim])
         if key not in self.by_width:
-            raise DNRTError(f"no converted activation for width {key}; widths seen at conversion: {list(self.by_width)}")
+            raise DNRTError(f"no converted activation for width {key}; "
+                            f"widths seen at conversion: {list(self.by_width)}")
         return self.by_width[key](x)
 
 

@@ -17,7 +17,8 @@ _mode: Union[bool, str] = "auto"
 
 
 def set_fused(mode: Union[bool, str]) -> None:
-    """``"auto"`` (default): Triton kernels on CUDA; ``True``: also compile for other devices; ``False``: plain PyTorch."""
+    """``"auto"`` (default): Triton kernels on CUDA; ``True``: also compile for other devices;
+    ``False``: plain PyTorch."""
     global _mode
     if mode not in (True, False, "auto"):
         raise ValueError(f"set_fused takes True, False or 'auto', got {mode!r}")

@@ -7,8 +7,9 @@ samples. On the CPU the batch is laid out rank-major and each rank (the r-th sam
 vectorised step; on CUDA a Triton kernel walks each class's samples in order, one program per class;
 elsewhere a parallel prefix scan over the batch sorted by class. Neither of the last two synchronises
 with the host. The scan's coefficients are products of ``(1 − m)``, kept in float64 so that powers like
-``0.999⁴⁰⁹⁶`` do not inherit float32's rounding of ``m``; they only shrink, so the scan is stable for any
-batch size and any momentum in (0, 1].
+``0.999⁴⁰⁹⁶`` do not inherit float32's rounding of ``m`` (on MPS, which has no float64, they are float32
+and long runs of one class are less exact); they only shrink, so the scan is stable for any batch size
+and any momentum in (0, 1].
 """
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def _doubling_scan(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, tar
     start = torch.full_like(seen, n, dtype=torch.long).scatter_reduce(0, ys, pos, "amin")
     rank = pos - start[ys]
     first_of_new = (rank == 0) & ~seen[ys]
-    decay = torch.full((n,), 1.0 - momentum, dtype=torch.float64, device=x.device).masked_fill(first_of_new, 0.0)
+    coefficient = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    decay = torch.full((n,), 1.0 - momentum, dtype=coefficient, device=x.device).masked_fill(first_of_new, 0.0)
     value = sorted_x * _column(torch.where(first_of_new, 1.0, momentum), x)
     spare = torch.empty_like(value)
     for step in range(math.ceil(math.log2(longest)) if longest > 1 else 0):
@@ -143,7 +145,8 @@ class ResponseMemory(nn.Module):
     the same batch size.
     """
 
-    def __init__(self, num_classes: int, num_features: int, momentum: float = 0.1, order: str = "reference", sync: bool = True) -> None:
+    def __init__(self, num_classes: int, num_features: int, momentum: float = 0.1, order: str = "reference",
+                 sync: bool = True) -> None:
         super().__init__()
         if order not in ORDERS:
             raise DNRTError(f"unknown ARR order {order!r}; known: {', '.join(ORDERS)}")

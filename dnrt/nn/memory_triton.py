@@ -37,7 +37,8 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, t
     """Same contract as ``dnrt.nn.memory.sequential_means``, for float32 tensors on one CUDA device."""
     num_classes, d = mean0.shape
     _, order = torch.sort(targets, stable=True)
-    counts = torch.zeros(num_classes, dtype=torch.long, device=x.device).scatter_add_(0, targets, torch.ones_like(targets))
+    counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)
+    counts.scatter_add_(0, targets, torch.ones_like(targets))
     starts = torch.cumsum(counts, 0) - counts
     after, final = torch.empty_like(x), torch.empty_like(mean0)
     grid = (num_classes, triton.cdiv(d, BLOCK_D))

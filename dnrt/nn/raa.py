@@ -66,8 +66,8 @@ def raa_forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim
 
 
 def raa_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str):
-    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)`` by SPEC §1: ``g·Φ(z) + g·x·φ(z) + w·u`` with ``u = Σ_c g_c ∂y_c/∂s``
-    per vector; eagerly a few in-place passes over two fresh tensors."""
+    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)`` by SPEC §1: ``g·Φ(z) + g·x·φ(z) + w·u`` with
+    ``u = Σ_c g_c ∂y_c/∂s`` per vector; eagerly a few in-place passes over two fresh tensors."""
     z = x + s
     if base == "relu":
         grad_x = g_pdf_x = grad * (z > 0)
