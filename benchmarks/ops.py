@@ -146,7 +146,8 @@ def memory_speed(device: torch.device) -> None:
         "per-sample Python loop": lambda: loop_update(means, seen, responses, targets, 0.1),
         "dnrt.ResponseMemory": lambda: memory(torch.cat(responses, dim=1), targets),
     }, device)
-    print(f"\n3. memory update, batch {batch}, {classes} classes, {layers} layers × {width}, {device.type} (goal ≥ 50×)")
+    print(f"\n3. memory update, batch {batch}, {classes} classes, {layers} layers × {width}, {device.type} "
+          f"(goal ≥ 50×)")
     (loop_ms, _), (fast_ms, ratio) = results.values()
     print(f"   per-sample Python loop {loop_ms:8.3f} ms")
     print(f"   dnrt.ResponseMemory    {fast_ms:8.3f} ms   {1 / ratio:5.1f}× faster")
@@ -155,14 +156,16 @@ def memory_speed(device: torch.device) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip-fused", action="store_true", help="skip the compiled kernels (they compile on first use)")
+    parser.add_argument("--skip-fused", action="store_true",
+                        help="skip the compiled kernels (they compile on first use)")
     parser.add_argument("--malloc-top-pad", type=int, metavar="MIB",
                         help="glibc only: keep this much freed heap instead of returning it to the OS (M_TOP_PAD)")
     args = parser.parse_args()
     if args.malloc_top_pad is not None:
         ctypes.CDLL("libc.so.6").mallopt(-2, args.malloc_top_pad << 20)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     pad = "" if args.malloc_top_pad is None else f"; malloc top pad {args.malloc_top_pad} MiB"
     print(f"device: {name}; torch {torch.__version__}, timm {timm.__version__}{pad}")
     activation_speed(device, not args.skip_fused)

@@ -21,4 +21,5 @@ def side_by_side(fns: Dict[str, Callable[[], None]], device: torch.device, round
             timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
             times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median * 1e3)
     base = times[next(iter(fns))]
-    return {name: (statistics.median(t), statistics.median(a / b for a, b in zip(t, base))) for name, t in times.items()}
+    return {name: (statistics.median(t), statistics.median(a / b for a, b in zip(t, base)))
+            for name, t in times.items()}

@@ -14,7 +14,8 @@ def test_every_paper_activation_by_name(name, kind):
     act = dnrt.make_activation(name, num_features=4, channel_dim=1)
     assert isinstance(act, kind)
     assert act(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)
-    assert sorted(dnrt.ACTIVATIONS) == sorted(["relu", "gelu", "softplus", "elu", "selu", "silu", "gdn", "raa", "raa_relu"])
+    assert sorted(dnrt.ACTIVATIONS) == sorted(["relu", "gelu", "softplus", "elu", "selu", "silu", "gdn", "raa",
+                                               "raa_relu"])
 
 
 def test_raa_relu_is_relu_based():

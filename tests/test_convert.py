@@ -69,7 +69,8 @@ def test_channel_dims_follow_the_layout():
     act = vit.blocks[0].mlp.act
     assert (act.num_features, act.channel_dim, act.base) == (768, -1, "gelu")
     resnet = dnrt.convert(TV["resnet18"](), torch.randn(1, 3, 32, 32))
-    assert (resnet.layer2[0].relu.num_features, resnet.layer2[0].relu.channel_dim, resnet.layer2[0].relu.base) == (128, 1, "relu")
+    assert (resnet.layer2[0].relu.num_features, resnet.layer2[0].relu.channel_dim,
+            resnet.layer2[0].relu.base) == (128, 1, "relu")
 
 
 def test_one_module_called_at_two_widths_gets_one_raa_per_width():

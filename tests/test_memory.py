@@ -79,7 +79,8 @@ g = torch.Generator().manual_seed(1)
 for momentum, k, batches in [(0.1, 7, (1, 33, 200)), (1.0, 7, (64, 5)), (1e-3, 3, (4096,))]:
     ref, mean, seen = Sequential(k, 300, momentum, "reference"), torch.zeros(k, 300), torch.zeros(k, dtype=torch.bool)
     for batch in batches:
-        x, y = torch.randn(batch, 300, generator=g) + 2, torch.randint(0, k, (batch,), generator=g) % (2 if batch > 1000 else k)
+        x, y = (torch.randn(batch, 300, generator=g) + 2,
+                torch.randint(0, k, (batch,), generator=g) % (2 if batch > 1000 else k))
         after, classes, final = memory_triton.sequential_means(mean, seen, x, y, momentum)
         assert_rel_close(after, ref(x, y))
         mean, seen = mean.index_copy(0, classes, final), seen | (torch.bincount(y, minlength=k) > 0)

@@ -14,7 +14,8 @@ def write(folder, name, text):
 def test_base_import_and_overrides(tmp_path):
     write(tmp_path, "_base_.py", "dataset = 'digits'\nepochs = 300\nlr = 5e-4 * 256 / 512\nimport math\n")
     cfg_file = write(tmp_path, "exp.py", "from _base_ import *\nepochs = 7\nact = 'raa'\n")
-    cfg = load_config(str(cfg_file), ["--batch_size", "32", "--model_kwargs", '{"depth": 2}', "--amp=False", "--no_aug"])
+    cfg = load_config(str(cfg_file),
+                      ["--batch_size", "32", "--model_kwargs", '{"depth": 2}', "--amp=False", "--no_aug"])
     assert cfg["dataset"] == "digits" and cfg["lr"] == pytest.approx(2.5e-4)
     assert cfg["epochs"] == 7 and cfg["act"] == "raa"
     assert cfg["batch_size"] == 32 and cfg["model_kwargs"] == {"depth": 2}

@@ -37,7 +37,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling a damaged file can raise almost any exception type
         detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DNRTError(f"checkpoint {path} is corrupt or not a dnrt checkpoint ({type(e).__name__}: {detail})") from None
+        raise DNRTError(f"checkpoint {path} is corrupt or not a dnrt checkpoint "
+                        f"({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict) or "model" not in state:
         raise DNRTError(f"checkpoint {path} is not a dnrt checkpoint (no 'model' entry)")
     return state

@@ -23,7 +23,8 @@ OVERRIDES_HELP = "any config key as --key value (e.g. --epochs 2 --model_kwargs 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `dnrt train`, `dnrt eval` and main.py."""
-    parser.add_argument("-c", "--config", help="python config file (module-level variables; `from _base_ import *` works)")
+    parser.add_argument("-c", "--config",
+                        help="python config file (module-level variables; `from _base_ import *` works)")
     parser.add_argument("-r", "--resume", help="checkpoint to resume training from, or to evaluate with --eval")
     parser.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint on the test set")
 
@@ -38,7 +39,8 @@ def run_tool(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         from dnrt.tool.checkpoint import load_checkpoint
 
         saved = load_checkpoint(args.resume).get("config") or {}
-        cfg = resolve({**saved, "resume": None, "eval": False, **parse_overrides(overrides)}, Path(args.resume).parent.name)
+        cfg = resolve({**saved, "resume": None, "eval": False, **parse_overrides(overrides)},
+                      Path(args.resume).parent.name)
     else:
         raise DNRTError("give a config with -c CONFIG (or, to evaluate, a checkpoint with -r CKPT --eval)")
     if args.resume:
@@ -74,7 +76,8 @@ def run_graph(cfg: dict) -> int:
     from dnrt.tool.graph import train_graph
 
     if cfg["eval"] or cfg["resume"]:
-        raise DNRTError(f"graph runs ({cfg['dataset']}) train in one go: they take no -r/--eval; log.txt has every epoch's test metric")
+        raise DNRTError(f"graph runs ({cfg['dataset']}) train in one go: they take no -r/--eval; "
+                        f"log.txt has every epoch's test metric")
     result = train_graph(cfg)
     print(f"done: test {result['test_at_best_valid']:.2f} at the best validation epoch {result['epoch']} "
           f"(validation {result['best_valid']:.2f}). Outputs in {cfg['output_dir']}: config.json, log.txt", flush=True)
@@ -91,7 +94,8 @@ def _load_command(name: str) -> ModuleType:
 
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
     """The `dnrt` parser; only the chosen subcommand of another module imports that module."""
-    parser = argparse.ArgumentParser(prog="dnrt", description="Dynamic Neural Response Tuning: training and analysis tool",
+    parser = argparse.ArgumentParser(prog="dnrt",
+                                     description="Dynamic Neural Response Tuning: training and analysis tool",
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="train a model from a config", epilog=OVERRIDES_HELP, allow_abbrev=False)

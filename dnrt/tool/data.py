@@ -73,7 +73,8 @@ def _image_folder(cfg: dict, train: bool, transform: Callable | None) -> Dataset
     folder = Path(cfg["data_root"]).expanduser() / ("train" if train else "val")
     if not folder.is_dir():
         raise DNRTError(f"dataset {cfg['dataset']}: folder {folder} not found; expected "
-                        f"{Path(cfg['data_root']) / 'train'}/<class>/<image> and {Path(cfg['data_root']) / 'val'}/<class>/<image>")
+                        f"{Path(cfg['data_root']) / 'train'}/<class>/<image> and "
+                        f"{Path(cfg['data_root']) / 'val'}/<class>/<image>")
     try:
         return torchvision.datasets.ImageFolder(str(folder), transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
@@ -126,8 +127,10 @@ def _split(train: bool) -> dict:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec(_torchvision(torchvision.datasets.CIFAR10, "cifar10", _split), 10, 3, 32, *CIFAR10_STATS, True),
-    "cifar100": DatasetSpec(_torchvision(torchvision.datasets.CIFAR100, "cifar100", _split), 100, 3, 32, *CIFAR100_STATS, True),
+    "cifar10": DatasetSpec(_torchvision(torchvision.datasets.CIFAR10, "cifar10", _split), 10, 3, 32,
+                           *CIFAR10_STATS, True),
+    "cifar100": DatasetSpec(_torchvision(torchvision.datasets.CIFAR100, "cifar100", _split), 100, 3, 32,
+                            *CIFAR100_STATS, True),
     "mnist": DatasetSpec(_torchvision(torchvision.datasets.MNIST, "mnist", _split), 10, 1, 28, *MNIST_STATS, False),
     "fashion_mnist": DatasetSpec(_torchvision(torchvision.datasets.FashionMNIST, "fashion_mnist", _split), 10, 1, 28,
                                  *FASHION_STATS, False),
@@ -158,7 +161,8 @@ def dataset_info(cfg: dict) -> dict[str, int]:
     if num_classes is None:
         train = Path(cfg["data_root"]).expanduser() / "train"
         if not train.is_dir():
-            raise DNRTError(f"dataset folder: {train} not found; expected train/<class>/<image> and val/<class>/<image>")
+            raise DNRTError(f"dataset folder: {train} not found; "
+                            f"expected train/<class>/<image> and val/<class>/<image>")
         num_classes = sum(1 for p in train.iterdir() if p.is_dir())
     return dict(num_classes=num_classes, in_chans=spec.in_chans, img_size=cfg["image_size"] or spec.img_size)
 

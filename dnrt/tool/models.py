@@ -80,7 +80,8 @@ class ResNet32Cifar(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, blocks_per_stage: int = 5):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(inplace=True))
         self.layer1 = self._stage(16, 16, blocks_per_stage, stride=1)
         self.layer2 = self._stage(16, 32, blocks_per_stage, stride=2)
         self.layer3 = self._stage(32, 64, blocks_per_stage, stride=2)
@@ -130,7 +131,8 @@ class MLP(nn.Module):
         super().__init__()
         widths = [in_features] + [hidden] * depth
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(a, b), nn.LayerNorm(b), nn.GELU(), nn.Dropout(drop)) for a, b in zip(widths, widths[1:])
+            nn.Sequential(nn.Linear(a, b), nn.LayerNorm(b), nn.GELU(), nn.Dropout(drop))
+            for a, b in zip(widths, widths[1:])
         )
         self.head = nn.Linear(hidden, num_classes)
 
@@ -183,7 +185,8 @@ def _from_library(lib: str, name: str, num_classes: int, in_chans: int, img_size
         names = torchvision.models.list_models()
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3)
-            raise DNRTError(f"unknown torchvision model '{name}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise DNRTError(f"unknown torchvision model '{name}'"
+                            + (f"; did you mean {', '.join(close)}?" if close else ""))
         if in_chans != 3:
             raise DNRTError(f"torchvision models take 3 input channels; the dataset has {in_chans}")
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
@@ -207,7 +210,8 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int =
     else:
         close = difflib.get_close_matches(name, MODELS, n=3)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise DNRTError(f"unknown model '{name}'; {hint}known: {', '.join(MODELS)} (or set model_lib='timm'/'torchvision')")
+        raise DNRTError(f"unknown model '{name}'; {hint}known: {', '.join(MODELS)} "
+                        f"(or set model_lib='timm'/'torchvision')")
     if act is not None:
         from dnrt import convert
 

@@ -117,7 +117,8 @@ def _pick_layers(available: int, layers: Optional[Sequence[int]]) -> list[int]:
     return [n for n in (1, 4, 10) if n <= available] if available > 4 else list(range(1, available + 1))
 
 
-def _taps(model: nn.Module, num_classes: int, layers: Optional[Sequence[int]]) -> tuple[list[int], list[str], list[str]]:
+def _taps(model: nn.Module, num_classes: int,
+          layers: Optional[Sequence[int]]) -> tuple[list[int], list[str], list[str]]:
     """Chosen layer numbers, their MLP activation modules (ViT; else empty) and the blocks / stages ARR taps."""
     from dnrt import ARR
 
@@ -160,8 +161,10 @@ class _Probe:
         self.acts: dict[str, list[torch.Tensor]] = {name: [] for name in act_names}
         self.used = {"token": "pooled"}
         modules = dict(model.named_modules())
-        self.handles = [modules[name].register_forward_hook(_class_token_hook(model, self.acts[name], self.used, channels))
-                        for name in act_names]
+        self.handles = [
+            modules[name].register_forward_hook(_class_token_hook(model, self.acts[name], self.used, channels))
+            for name in act_names
+        ]
 
     def record(self) -> None:
         """Keep the aggregated responses of the forward pass just run."""

@@ -77,7 +77,8 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
 
 
 def median_latency(fn, min_run_time: float, warmup: int = 3) -> float:
-    """Median seconds of one call of `fn` after `warmup` calls (first-call kernel compiles), with torch.utils.benchmark."""
+    """Median seconds of one call of `fn` after `warmup` calls (first-call kernel compiles), with
+    torch.utils.benchmark."""
     for _ in range(warmup):
         fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
@@ -159,7 +160,8 @@ def format_profile(result: dict[str, Any]) -> str:
              "GFLOPs count one multiply-add once (timm's and the paper's convention), without attention products."]
     for label, row in result["rows"].items():
         if "arr_layers" in row:
-            notes.append(f"ARR ({label}): {row['arr_layers']} tapped layers, memory {row['arr_memory_bytes'] / 1e6:.3f} MB; "
+            notes.append(f"ARR ({label}): {row['arr_layers']} tapped layers, "
+                         f"memory {row['arr_memory_bytes'] / 1e6:.3f} MB; "
                          f"train step (batch {row['train_batch_size']}) {row['train_step_ms']:.2f} ms without ARR, "
                          f"{row['train_step_arr_ms']:.2f} ms with ARR.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

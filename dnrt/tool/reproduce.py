@@ -87,7 +87,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_digits": (
         "Small-scale CPU study: a 4-block ViT (width 64, 4 heads, patch 2) on sklearn's 8x8 digits, AdamW, "
         "30 epochs, batch 32 (28 steps per epoch on the 898 training images), no augmentation.",
-        dict(_DIGITS_CPU, model_kwargs={"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}),
+        dict(_DIGITS_CPU,
+             model_kwargs={"patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}),
     ),
     "mlp_digits": (
         "Small-scale CPU study: the tool's MLP (3 hidden layers of 256, LayerNorm) on sklearn's 8x8 digits, "
@@ -520,6 +521,7 @@ def run(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Write the config files of the paper's grid.")
-    parser.add_argument("folder", nargs="?", type=Path, default=CONFIG_ROOT, help=f"where to write them (default {CONFIG_ROOT})")
+    parser.add_argument("folder", nargs="?", type=Path, default=CONFIG_ROOT,
+                        help=f"where to write them (default {CONFIG_ROOT})")
     folder = parser.parse_args().folder
     print(f"wrote {len(write_configs(folder))} files under {folder}")

@@ -42,7 +42,8 @@ def epoch_seed(cfg: dict, epoch: int) -> int:
     return cfg["seed"] + 100_003 * (epoch + 1) + D.get_rank()
 
 
-def mixed_precision(cfg: dict, device: torch.device) -> tuple[Callable[[], AbstractContextManager], torch.amp.GradScaler]:
+def mixed_precision(cfg: dict,
+                    device: torch.device) -> tuple[Callable[[], AbstractContextManager], torch.amp.GradScaler]:
     """Autocast context and grad scaler: float16 + scaling on CUDA for amp=True, bfloat16 anywhere for amp='bf16'."""
     amp = cfg["amp"]
     if amp not in (True, False, "bf16"):
@@ -61,7 +62,8 @@ def model_args(cfg: dict) -> dict[str, int]:
 
 def build_model(cfg: dict, args: dict[str, int], device: torch.device) -> tuple[nn.Module, Any]:
     """The model with `act` swapped in, and ARR on it when criterion == 'arr', both on `device`."""
-    model = create_model(cfg["model"], act=cfg["act"], model_lib=cfg["model_lib"], model_kwargs=cfg["model_kwargs"], **args)
+    model = create_model(cfg["model"], act=cfg["act"], model_lib=cfg["model_lib"], model_kwargs=cfg["model_kwargs"],
+                         **args)
     arr = build_arr(model, cfg, args["num_classes"])
     model.to(device)
     if arr is not None:
@@ -78,7 +80,8 @@ def test_loader(cfg: dict, dataset: Dataset) -> DataLoader:
 
 def train_loader(cfg: dict, dataset: Dataset) -> tuple[DataLoader, DistributedSampler]:
     """A DistributedSampler even for one process: shuffling then depends only on seed and epoch."""
-    sampler = DistributedSampler(dataset, num_replicas=D.get_world_size(), rank=D.get_rank(), shuffle=True, seed=cfg["seed"])
+    sampler = DistributedSampler(dataset, num_replicas=D.get_world_size(), rank=D.get_rank(), shuffle=True,
+                                 seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=torch.cuda.is_available(), drop_last=len(sampler) > cfg["batch_size"],
                         persistent_workers=cfg["num_workers"] > 0)
@@ -200,7 +203,8 @@ def load_weights(state: dict, model: nn.Module, arr: Any, path: str) -> None:
 
 
 def train(cfg: dict) -> dict[str, Any]:
-    """Train for cfg['epochs'] epochs (resuming from cfg['resume']), writing the run directory; returns final metrics."""
+    """Train for cfg['epochs'] epochs (resuming from cfg['resume']), writing the run directory; returns final
+    metrics."""
     device = D.select_device(cfg["device"])
     D.init_distributed(device)
     try:
@@ -217,7 +221,8 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     val_loader = test_loader(cfg, test_set)
     if len(loader) == 0:
         raise DNRTError(f"the training set of {cfg['dataset']} is empty")
-    print_main(f"data: {cfg['dataset']} from {cfg['data_root']}: {len(train_set)} training, {len(test_set)} test images")
+    print_main(f"data: {cfg['dataset']} from {cfg['data_root']}: {len(train_set)} training, "
+               f"{len(test_set)} test images")
 
     print_main(f"model: {cfg['model']} {args} act={cfg['act']} criterion={cfg['criterion']}")
     model, arr = build_model(cfg, args, device)
