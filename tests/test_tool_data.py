@@ -7,7 +7,7 @@ import torch
 from dnrt.errors import DNRTError
 from dnrt.tool.checkpoint import load_checkpoint, save_checkpoint
 from dnrt.tool.config import resolve
-from dnrt.tool.data import build_dataset, dataset_info, long_tailed_indices
+from dnrt.tool.data import build_dataset, build_transform, dataset_info, long_tailed_indices
 from dnrt.tool.models import build_arr, create_model
 
 # CIFAR-10-LT training-set sizes per class for imbalance factor 100, as published (Cao et al., LDAM, 2019)
@@ -107,3 +107,16 @@ def test_image_folder_with_the_paper_recipe(tmp_path):
     assert train[0][0].shape == val[5][0].shape == (3, 16, 16) and val[5][1] == 2
     plain = build_dataset({**cfg, "no_aug": True}, False)
     assert torch.equal(plain[3][0], build_dataset({**cfg, "no_aug": True}, False)[3][0])  # deterministic
+
+
+def test_paper_recipe_posterizes_to_zero_bits_without_error():
+    from PIL import Image
+
+    transform = build_transform(resolve({"dataset": "cifar10"}), train=True)
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", ())]
+    op = next(op for op in ops if op.name == "PosterizeIncreasing")
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # level 10: keep 4 - 4 = 0 bits
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert op(image).getcolors() == [(64, (0, 0, 0))]
+    op.magnitude = 5  # keep 2 bits: 200 -> 192, 100 -> 64, 50 -> 0
+    assert op(image).getcolors() == [(64, (192, 64, 0))]

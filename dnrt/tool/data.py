@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torchvision
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
@@ -180,7 +181,22 @@ def build_transform(cfg: dict, train: bool) -> Callable:
         kwargs = {**recipe, **cfg["train_aug_kwargs"]}
     else:
         kwargs = {"crop_pct": 0.875, "interpolation": "bicubic", **cfg["eval_aug_kwargs"]}
-    return create_transform(size, is_training=train, mean=spec.mean, std=spec.std, **kwargs)
+    return _zero_bit_posterize(create_transform(size, is_training=train, mean=spec.mean, std=spec.std, **kwargs))
+
+
+def _zero_bit_posterize(transform: Callable) -> Callable:
+    """Pillow ≥ 13 rejects posterizing to 0 bits, which timm's RandAugment asks for at magnitude 10 (about one
+    image in 300 with the paper's recipe, so a run fails in its first epoch); give the black image that
+    earlier Pillow returned."""
+    for step in getattr(transform, "transforms", ()):
+        for op in getattr(step, "ops", ()):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    return img.point(lambda _: 0) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def targets_of(dataset: Dataset) -> list[int]:
