@@ -130,6 +130,14 @@ def test_eval_reads_without_writing_and_state_round_trips():
     torch.testing.assert_close(restored.mean, memory.mean)
 
 
+def test_empty_batch_changes_nothing(algorithm):
+    memory = dnrt.ResponseMemory(4, 3)
+    memory(torch.randn(5, 3), torch.tensor([0, 1, 0, 2, 1]))
+    state = {k: v.clone() for k, v in memory.state_dict().items()}
+    assert memory(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)).shape == (0, 3)
+    assert all(torch.equal(v, memory.state_dict()[k]) for k, v in state.items())
+
+
 def test_output_is_detached():
     x = torch.randn(4, 3, requires_grad=True)
     assert not dnrt.ResponseMemory(2, 3)(x, torch.tensor([0, 1, 0, 1])).requires_grad

@@ -171,6 +171,8 @@ class ResponseMemory(nn.Module):
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             local = slice(dist.get_rank() * x.shape[0], (dist.get_rank() + 1) * x.shape[0])
             x, targets = _all_gather(x), _all_gather(targets)
+        if not x.shape[0]:
+            return x[local].clone()
         after, classes, final = sequential_means(self.mean, self.count > 0, x, targets, self.momentum)
         result = after if self.order == "reference" else self._before(x, targets)
         self.mean.index_copy_(0, classes, final)
