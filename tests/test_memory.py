@@ -79,7 +79,7 @@ g = torch.Generator().manual_seed(1)
 for momentum, k, batches in [(0.1, 7, (1, 33, 200)), (1.0, 7, (64, 5)), (1e-3, 3, (4096,))]:
     ref, mean, seen = Sequential(k, 300, momentum, "reference"), torch.zeros(k, 300), torch.zeros(k, dtype=torch.bool)
     for batch in batches:
-        x, y = (torch.randn(batch, 300, generator=g) + 2,
+        x, y = (torch.randn(300, batch, generator=g).t() + 2,  # transposed: dense, not contiguous
                 torch.randint(0, k, (batch,), generator=g) % (2 if batch > 1000 else k))
         after, classes, final = memory_triton.sequential_means(mean, seen, x, y, momentum)
         assert_rel_close(after, ref(x, y))
@@ -97,6 +97,25 @@ def test_triton_kernel_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "memory kernel agrees" in done.stdout
+
+
+def test_float64_memory_is_exact_to_float64(algorithm):
+    g = torch.Generator().manual_seed(4)
+    memory, ref = dnrt.ResponseMemory(5, 4, 0.1).double(), Sequential(5, 4, 0.1, "reference")
+    for batch in [7, 40, 3]:
+        x, y = torch.randn(batch, 4, generator=g, dtype=torch.float64), torch.randint(0, 5, (batch,), generator=g)
+        assert_rel_close(memory(x, y), ref(x, y), rel=1e-12)
+    assert_rel_close(memory.mean, ref.mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("order", ["reference", "paper"])
+def test_an_unseen_class_ignores_whatever_its_mean_buffer_holds(algorithm, order):
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 2, 1, 0])
+    fresh, loaded = dnrt.ResponseMemory(3, 3, order=order), dnrt.ResponseMemory(3, 3, order=order)
+    loaded.mean.fill_(float("nan"))
+    torch.testing.assert_close(loaded.eval()(x, y), x)
+    torch.testing.assert_close(loaded.train()(x, y), fresh(x, y))
+    torch.testing.assert_close(loaded.mean, fresh.mean)
 
 
 def test_counts_classes_and_orders_agree_on_memory():

@@ -76,6 +76,18 @@ def test_zero_is_exact_and_nan_is_not_hidden():
     assert torch.isnan(y[1]).all()
 
 
+def test_scalar_shift_computes_in_float32_for_bfloat16_input():
+    torch.manual_seed(0)
+    m = dnrt.RAA(6, shift="scalar")
+    with torch.no_grad():
+        m.bias.fill_(0.3)
+    x, g = torch.randn(4, 5, 6).bfloat16().requires_grad_(), torch.randn(4, 5, 6).bfloat16()
+    m(x).backward(g)
+    x64, b64 = x.detach().double(), m.bias.detach().double().requires_grad_()
+    (formula(x64, None, b64, -1, "gelu", "scalar") * g.double()).sum().backward()
+    assert abs(m.bias.grad.double() - b64.grad) <= 1e-5 * abs(b64.grad)
+
+
 def test_bfloat16_autocast_on_cpu():
     torch.manual_seed(0)
     layer, act = nn.Linear(8, 6), randomised("gelu", "vector", -1, torch.float32)

@@ -91,8 +91,9 @@ def _rank_loop(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets
     inverse[row] = np.arange(len(row))
     out = x.index_select(0, torch.from_numpy(inverse))
     first = torch.from_numpy(classes[:present])
-    first_weight = torch.where(seen[first], momentum, 1.0).to(x.dtype).unsqueeze(1)
-    torch.lerp(mean0.index_select(0, first), out[:present], first_weight, out=out[:present])
+    firsts = out[:present]
+    updated = torch.lerp(mean0.index_select(0, first), firsts, momentum)
+    firsts.copy_(torch.where(seen[first].unsqueeze(1), updated, firsts))
     for prev, start, n in zip(offsets.tolist(), offsets[1:].tolist(), per_rank[1:].tolist()):
         torch.lerp(out[prev:prev + n], out[start:start + n], momentum, out=out[start:start + n])
     last = offsets[sizes[:present] - 1] + np.arange(present)
@@ -112,7 +113,8 @@ def _doubling_scan(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, tar
     first_of_new = (rank == 0) & ~seen[ys]
     coefficient = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
     decay = torch.full((n,), 1.0 - momentum, dtype=coefficient, device=x.device).masked_fill(first_of_new, 0.0)
-    value = sorted_x * _column(torch.where(first_of_new, 1.0, momentum), x)
+    weight = torch.full((n, 1), momentum, dtype=x.dtype, device=x.device).masked_fill_(first_of_new[:, None], 1)
+    value = sorted_x * weight
     spare = torch.empty_like(value)
     for step in range(math.ceil(math.log2(longest)) if longest > 1 else 0):
         offset = 1 << step
@@ -121,7 +123,7 @@ def _doubling_scan(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, tar
         torch.add(value[offset:], value[:-offset] * _column(decay[offset:] * linked, x), out=spare[offset:])
         decay = torch.cat([decay[:offset], torch.where(linked, decay[offset:] * decay[:-offset], decay[offset:])])
         value, spare = spare, value
-    after = value + mean0.index_select(0, ys) * _column(decay, x)
+    after = value + torch.where(seen[ys, None], mean0.index_select(0, ys), 0) * _column(decay, x)
     last = torch.full_like(seen, -1, dtype=torch.long).scatter_reduce(0, ys, pos, "amax")
     final = torch.where((last >= 0).unsqueeze(1), after.index_select(0, last.clamp(min=0)), mean0)
     unsort = torch.empty_like(order).scatter_(0, order, pos)
@@ -180,9 +182,9 @@ class ResponseMemory(nn.Module):
         return result[local]
 
     def _before(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Each sample's class mean as it stands, or the sample itself where its class was never seen
-        (an unseen class's mean is still all zeros, so a sum picks the right one without a select)."""
-        return self.mean.index_select(0, targets) + x * _column(self.count.index_select(0, targets) == 0, x)
+        """Each sample's class mean as it stands, or the sample itself where its class was never seen."""
+        unseen = (self.count.index_select(0, targets) == 0).unsqueeze(1)
+        return torch.where(unseen, x, self.mean.index_select(0, targets))
 
 
 def _all_gather(t: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def _shift(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int
     """``s = wᵀx + b`` per feature vector, kept as a size-1 ``dim`` (``b`` alone when ``w`` is None)."""
     acc = _acc_dtype(x)
     if w is None:
-        return b.to(acc)
+        return b.to(acc).reshape((1,) * x.dim())  # not 0-d, which would leave x + s in x's low precision
     return torch.sum(x * _per_vector(w, dim), dim=dim, keepdim=True, dtype=acc) + b.to(acc)
 
 
