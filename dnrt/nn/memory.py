@@ -55,9 +55,10 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, t
     if kernels is not None:
         return kernels.sequential_means(mean0, seen, x, targets, momentum)
     if x.device.type == "cpu" and targets.numel():
-        counts = np.bincount(targets.numpy(), minlength=seen.shape[0])
+        labels = targets.numpy()
+        counts = np.bincount(labels, minlength=seen.shape[0])
         if counts.max() <= RANK_LOOP_MAX_RUN:
-            return _rank_loop(mean0, seen, x, targets.numpy(), counts, momentum)
+            return _rank_loop(mean0, seen, x, labels, counts, momentum)
     return _doubling_scan(mean0, seen, x, targets, momentum)
 
 
