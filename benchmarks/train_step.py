@@ -1,9 +1,10 @@
 """Time of one training step of ViT-Tiny (patch 4, 32×32, CIFAR-100 shapes) with GELU, RAA and RAA+ARR.
 
-    python benchmarks/train_step.py [--device cuda] [--batch-size 256] [--compile]
+    python benchmarks/train_step.py [--device cuda] [--batch-size 256] [--fused] [--compile]
 
 Side by side in one run, as ratios to GELU: what DNRT costs in a real step (forward, ARR, backward,
-AdamW), with AMP on CUDA. Eager models are timed in interleaved rounds (ratios per round); compiled ones
+AdamW), with AMP on CUDA. ``--fused`` runs eager RAA with ``dnrt.set_fused(True)`` (its C++ kernels on
+the CPU; on CUDA Triton runs either way). Eager models are timed in interleaved rounds (ratios per round); compiled ones
 one after another, each after a dynamo reset, since dynamo does not guard on ARR's hooks.
 """
 from __future__ import annotations
@@ -74,11 +75,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--fused", action="store_true", help="eager RAA with dnrt.set_fused(True)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     args = parser.parse_args()
+    dnrt.set_fused(True if args.fused else "auto")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"ViT-Tiny patch 4, 32×32, batch {args.batch_size}, AdamW, clip 1.0, {name}")
+    fused = ", set_fused(True)" if args.fused else ""
+    print(f"ViT-Tiny patch 4, 32×32, batch {args.batch_size}, AdamW, clip 1.0, {name}{fused}")
     rows = {"eager": side_by_side({kind: make_step(kind, device, args.batch_size, False) for kind in KINDS}, device,
                                   rounds=5, min_run_time=1.0)}
     if args.compile:

@@ -101,6 +101,20 @@ def test_eval_mode_reads_memory_and_state_round_trips():
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in state.items())
 
 
+def test_empty_batch_gives_zero_loss_and_keeps_the_memory():
+    model = tiny_vit()
+    arr = dnrt.ARR(model, num_classes=5, weight=3.0)
+    model(torch.randn(4, 3, 32, 32))
+    arr.loss(torch.tensor([0, 1, 2, 2]))
+    before = {k: v.clone() for k, v in arr.state_dict().items()}
+    model(torch.randn(0, 3, 32, 32))
+    loss = arr.loss(torch.zeros(0, dtype=torch.long))
+    assert loss.item() == 0 and loss.requires_grad
+    loss.backward()
+    for k, v in arr.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
 def test_explicit_layers_and_remove():
     model = tiny_vit()
     arr = dnrt.ARR(model, num_classes=5, layers=["blocks.1"], reduce="mean")

@@ -1,6 +1,7 @@
 """RAA against the plain formula of SPEC §1: values, gradients, dtypes, memory kept, compile."""
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -149,6 +150,69 @@ def test_fused_kernels_match_eager():
     torch.testing.assert_close(out, eager)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def cpu_kernels_or_skip():
+    """The C++ kernels are built on this machine's x86 ISAs whenever a compiler is there; elsewhere skip."""
+    from dnrt.nn import raa_cpu
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
+        pytest.skip("the CPU kernels need AVX2 or AVX-512 and a C++ compiler")
+    assert raa_cpu.available()
+    return raa_cpu
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 48), (7, 33), (1, 20), (5000, 3), (2, 3, 768)])
+def test_cpu_kernels_match_float64_formula(shape):
+    """Row counts that split among threads or not, widths with a vector tail, rows narrower than a vector."""
+    raa_cpu = cpu_kernels_or_skip()
+    torch.manual_seed(0)
+    x, g = torch.randn(*shape), torch.randn(*shape)
+    w, b = torch.randn(shape[-1]) * 0.3, torch.tensor(0.2)
+    y, s = raa_cpu.forward(x, w, b, -1, "gelu")
+    grads = raa_cpu.backward(g, x, s, w, -1, "gelu")
+    x64, w64, b64 = x.double().requires_grad_(), w.double().requires_grad_(), b.double().requires_grad_()
+    y64 = formula(x64, w64, b64, -1, "gelu", "vector")
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.double(), (x64 @ w64 + b64).detach().reshape(-1), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(y64, [x64, w64, b64], g.double())):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_kernels_run_under_set_fused_and_keep_nan():
+    """``set_fused(True)`` picks them for float32 tokens; a fresh RAA is GELU; a NaN spoils its own row only."""
+    cpu_kernels_or_skip()
+    x = torch.randn(4, 9, 40)
+    x[1, 2, 3] = float("nan")
+    fused.set_fused(True)
+    try:
+        assert fused.kernels(x, torch.zeros(40), -1, "gelu", None, None)[0].__module__ == "dnrt.nn.raa_cpu"
+        assert fused.kernels(x.bfloat16(), torch.zeros(40), -1, "gelu", None, None)[0].__module__ != "dnrt.nn.raa_cpu"
+        y = dnrt.RAA(40)(x)
+    finally:
+        fused.set_fused("auto")
+    assert y.isnan().sum() == 40 and y[1, 2].isnan().all()  # as in the formula: 0·NaN makes the row's shift NaN
+    y[1, 2] = x[1, 2] = 0
+    torch.testing.assert_close(y, nn.functional.gelu(x))
+
+
+def test_cpu_kernels_that_fail_to_build_warn_and_fall_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    from dnrt.nn import raa_cpu
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    raa_cpu.available.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"kernels did not build \(Ninja is required to load C\+\+ extensions\); "
+                                             r"using torch.compile instead$"):
+            assert raa_cpu.available() is False
+    finally:
+        raa_cpu.available.cache_clear()
 
 
 def test_inside_torch_compile():

@@ -107,6 +107,8 @@ class ARR(nn.Module):
             self.make_memory(r.shape[1]).to(r.device)
         self.memory.train(self.training and self._model[0].training)
         distance = (r - self.memory(r, targets)).abs()
+        if not distance.numel():
+            return self.weight * distance.sum()  # an empty batch: zero, where a mean over nothing is NaN
         per_layer = [part.mean() for part in distance.split([t.shape[1] for t in responses], dim=1)]
         return self.weight * torch.stack(per_layer).mean()
 

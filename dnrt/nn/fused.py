@@ -1,10 +1,11 @@
-"""Which kernels run RAA: hand-written Triton on CUDA, compiled math on request, or plain PyTorch.
+"""Which kernels run RAA: hand-written Triton on CUDA, hand-written C++ or compiled math on request, or plain PyTorch.
 
 Eager PyTorch runs RAA's formulas as a dozen passes over the tensor where GELU is one kernel. On CUDA
-the Triton kernels of ``raa_triton`` make each direction a single pass. Elsewhere ``set_fused(True)``
-compiles the very same math of ``raa.py`` with ``torch.compile`` (vectorised C++ on CPU; seconds to
-compile on first use, then cached on disk). Inside a ``torch.compile``'d model the plain functions run
-and the outer compiler fuses them.
+the Triton kernels of ``raa_triton`` make each direction a single pass. On the CPU ``set_fused(True)``
+runs the C++ kernels of ``raa_cpu`` where they apply (GELU base, vector shift, float32 features last)
+and otherwise compiles the very same math of ``raa.py`` with ``torch.compile``; both build on first use,
+then are cached on disk. Inside a ``torch.compile``'d model the plain functions run and the outer
+compiler fuses them.
 """
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from . import raa_cpu
+
 _mode: Union[bool, str] = "auto"
 
 
 def set_fused(mode: Union[bool, str]) -> None:
-    """``"auto"`` (default): Triton kernels on CUDA; ``True``: also compile for other devices;
-    ``False``: plain PyTorch."""
+    """``"auto"`` (default): Triton kernels on CUDA; ``True``: also C++ or compiled kernels on the CPU and
+    other devices; ``False``: plain PyTorch."""
     global _mode
     if mode not in (True, False, "auto"):
         raise ValueError(f"set_fused takes True, False or 'auto', got {mode!r}")
@@ -39,7 +42,7 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)
 
 
-def kernels(x: torch.Tensor, w: Optional[torch.Tensor], forward: Callable, backward: Callable):
+def kernels(x: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str, forward: Callable, backward: Callable):
     """The (forward, backward) pair to run RAA on ``x``; ``forward``/``backward`` are the plain math."""
     if _mode is False or torch.compiler.is_compiling():
         return forward, backward
@@ -47,5 +50,7 @@ def kernels(x: torch.Tensor, w: Optional[torch.Tensor], forward: Callable, backw
     if triton_kernels is not None and w.numel() <= triton_kernels.MAX_FEATURES:
         return triton_kernels.forward, triton_kernels.backward
     if _mode is True:
+        if raa_cpu.supports(x, w, dim, base) and raa_cpu.available():
+            return raa_cpu.forward, raa_cpu.backward
         return _compiled(forward), _compiled(backward)
     return forward, backward

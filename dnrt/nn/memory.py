@@ -92,9 +92,13 @@ def _rank_loop(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets
     inverse[row] = np.arange(len(row))
     out = x.index_select(0, torch.from_numpy(inverse))
     first = torch.from_numpy(classes[:present])
-    new = ~seen[first].unsqueeze(1)  # an unseen class's first sample sets its mean: lerp from 0 with weight 1
-    weight = torch.full((present, 1), momentum, dtype=x.dtype).masked_fill_(new, 1)
-    torch.lerp(mean0.index_select(0, first).masked_fill_(new, 0), out[:present], weight, out=out[:present])
+    start, weight = mean0.index_select(0, first), momentum
+    new = ~seen.numpy()[classes[:present]]
+    if new.any():  # an unseen class's first sample sets its mean: lerp from 0 with weight 1
+        mask = torch.from_numpy(new).unsqueeze(1)
+        start.masked_fill_(mask, 0)
+        weight = torch.full((present, 1), momentum, dtype=x.dtype).masked_fill_(mask, 1)
+    torch.lerp(start, out[:present], weight, out=out[:present])
     for prev, start, n in zip(offsets.tolist(), offsets[1:].tolist(), per_rank[1:].tolist()):
         torch.lerp(out[prev:prev + n], out[start:start + n], momentum, out=out[start:start + n])
     last = offsets[sizes[:present] - 1] + np.arange(present)
