@@ -80,7 +80,7 @@ def raa_backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: Option
         return grad_x.to(x.dtype), None, g_pdf_x.sum(dtype=acc)
     u = torch.sum(g_pdf_x, dim=dim, keepdim=True, dtype=acc)
     others = [d for d in range(x.dim()) if d != dim % x.dim()]
-    grad_w = torch.sum(x * u, dim=others, dtype=acc)
+    grad_w = torch.sum(x * u, dim=others, dtype=acc) if others else (x * u).to(acc)  # dim=[] would sum all
     return grad_x.addcmul_(u, _per_vector(w, dim)).to(x.dtype), grad_w, u.sum()
 
 
@@ -97,6 +97,8 @@ class RAAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # s is saved without its link to x and w, so a graph of this would be wrong
+            raise RuntimeError("dnrt.RAA has no second derivative: backward with create_graph=True is not supported")
         x, s, w = ctx.saved_tensors
         grad_x, grad_w, grad_b = ctx.run_backward(grad.contiguous(), x, s, w, ctx.dim, ctx.base)
         grad_w = None if w is None else grad_w.to(w.dtype)

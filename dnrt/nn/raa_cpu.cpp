@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   check(x, "x");
   check(w, "w");
   const int64_t d = w.numel();
-  TORCH_CHECK(x.dim() > 0 && x.size(-1) == d, "dnrt::raa_gelu_forward: x's last dim must equal w's size");
+  TORCH_CHECK(d > 0 && x.dim() > 0 && x.size(-1) == d, "dnrt::raa_gelu_forward: x's last dim must equal w's size");
   const int64_t n = x.numel() / d;
   at::Tensor y = at::empty_like(x), s = at::empty({n}, x.options());
   const float* xp = x.const_data_ptr<float>();
@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g, con
   check(s, "s");
   check(w, "w");
   const int64_t d = w.numel();
-  TORCH_CHECK(g.sizes() == x.sizes() && x.size(-1) == d && s.numel() * d == x.numel(),
+  TORCH_CHECK(d > 0 && g.sizes() == x.sizes() && x.size(-1) == d && s.numel() * d == x.numel(),
               "dnrt::raa_gelu_backward: mismatched shapes");
   const int64_t n = s.numel();
   at::Tensor gx = at::empty_like(x), u = at::empty({n}, x.options());
