@@ -91,18 +91,18 @@ def _rank_loop(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets
     inverse = np.empty_like(row)
     inverse[row] = np.arange(len(row))
     out = x.index_select(0, torch.from_numpy(inverse))
-    first = torch.from_numpy(classes[:present])
-    start, weight = mean0.index_select(0, first), momentum
-    new = ~seen.numpy()[classes[:present]]
+    first = classes[:present]
+    prior, weight = mean0.index_select(0, torch.from_numpy(first)), momentum
+    new = ~seen.numpy()[first]
     if new.any():  # an unseen class's first sample sets its mean: lerp from 0 with weight 1
         mask = torch.from_numpy(new).unsqueeze(1)
-        start.masked_fill_(mask, 0)
+        prior.masked_fill_(mask, 0)
         weight = torch.full((present, 1), momentum, dtype=x.dtype).masked_fill_(mask, 1)
-    torch.lerp(start, out[:present], weight, out=out[:present])
+    torch.lerp(prior, out[:present], weight, out=out[:present])
     for prev, start, n in zip(offsets.tolist(), offsets[1:].tolist(), per_rank[1:].tolist()):
         torch.lerp(out[prev:prev + n], out[start:start + n], momentum, out=out[start:start + n])
-    last = offsets[sizes[:present] - 1] + np.arange(present)
-    return out.index_select(0, torch.from_numpy(row)), first, out.index_select(0, torch.from_numpy(last))
+    last = torch.from_numpy(offsets[sizes[:present] - 1] + np.arange(present))
+    return out.index_select(0, torch.from_numpy(row)), torch.from_numpy(first), out.index_select(0, last)
 
 
 def _doubling_scan(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, momentum: float):
