@@ -1,4 +1,5 @@
-# Quickstart: a small ViT with RAA + ARR on scikit-learn's bundled digits (no download), about two minutes on 2 CPU cores.
+# Quickstart: a small ViT with RAA + ARR on scikit-learn's bundled digits (no download),
+# about two minutes on 2 CPU cores.
 dataset = "digits"
 image_size = 8
 model = "vit_tiny_patch4_32"
