@@ -10,6 +10,8 @@ compiler fuses them.
 from __future__ import annotations
 
 import functools
+import importlib
+from types import ModuleType
 from typing import Callable, Optional, Union
 
 import torch
@@ -29,12 +31,12 @@ def set_fused(mode: Union[bool, str]) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton():
+def triton_module(name: str) -> Optional[ModuleType]:
+    """``dnrt.nn.<name>``, a module of Triton kernels, or None where Triton is not installed."""
     try:
-        from . import raa_triton
+        return importlib.import_module(f"{__package__}.{name}")
     except ImportError:
         return None
-    return raa_triton
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,7 +48,7 @@ def kernels(x: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str, for
     """The (forward, backward) pair to run RAA on ``x``; ``forward``/``backward`` are the plain math."""
     if _mode is False or torch.compiler.is_compiling():
         return forward, backward
-    triton_kernels = _triton() if x.is_cuda and w is not None and x.is_contiguous() else None
+    triton_kernels = triton_module("raa_triton") if x.is_cuda and w is not None and x.is_contiguous() else None
     if triton_kernels is not None and w.numel() <= triton_kernels.MAX_FEATURES:
         return triton_kernels.forward, triton_kernels.backward
     if _mode is True:

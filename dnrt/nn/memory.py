@@ -13,7 +13,6 @@ and any momentum in (0, 1].
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import DNRTError
+from . import fused
 
 ORDERS = ("reference", "paper")
 
@@ -51,7 +51,7 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, t
     rank loop; float32 on CUDA takes the Triton kernel; otherwise the doubling scan. The last two need no
     host-device synchronisation.
     """
-    kernels = _triton() if x.is_cuda and x.dtype == torch.float32 else None
+    kernels = fused.triton_module("memory_triton") if x.is_cuda and x.dtype == torch.float32 else None
     if kernels is not None:
         return kernels.sequential_means(mean0, seen, x, targets, momentum)
     if x.device.type == "cpu" and targets.numel():
@@ -60,15 +60,6 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, t
         if counts.max() <= RANK_LOOP_MAX_RUN:
             return _rank_loop(mean0, seen, x, labels, counts, momentum)
     return _doubling_scan(mean0, seen, x, targets, momentum)
-
-
-@functools.lru_cache(maxsize=None)
-def _triton():
-    try:
-        from . import memory_triton
-    except ImportError:
-        return None
-    return memory_triton
 
 
 def _rank_loop(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, targets: np.ndarray, counts: np.ndarray,
