@@ -26,18 +26,18 @@ import torch
 from torch import nn
 
 import dnrt
-from dnrt.nn import fused
+from dnrt.nn import kernels
 from timing import side_by_side
 
 
 def fused_mode(mode, fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` run with ``dnrt.nn.fused.set_fused(mode)``."""
+    """``fn`` run with ``dnrt.nn.kernels.set_fused(mode)``."""
     def run() -> None:
-        fused.set_fused(mode)
+        kernels.set_fused(mode)
         try:
             fn()
         finally:
-            fused.set_fused("auto")
+            kernels.set_fused("auto")
     return run
 
 

@@ -73,7 +73,7 @@ TRITON_CHECK = """
 import sys
 import torch
 sys.path.insert(0, {tests!r})
-from dnrt.nn import memory_triton
+from dnrt.nn.kernels import memory_triton
 from test_memory import Sequential, assert_rel_close
 g = torch.Generator().manual_seed(1)
 for momentum, k, batches in [(0.1, 7, (1, 33, 200)), (1.0, 7, (64, 5)), (1e-3, 3, (4096,))]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import dnrt
-from dnrt.nn import fused
+from dnrt.nn import kernels
 
 
 def formula(x, w, b, dim, base, shift):
@@ -141,12 +141,12 @@ def test_fused_kernels_match_eager():
     x = torch.randn(3, 7, 6, requires_grad=True)
     eager = m(x)
     eager_grads = torch.autograd.grad(eager.square().sum(), [x, m.weight, m.bias])
-    fused.set_fused(True)
+    kernels.set_fused(True)
     try:
         out = m(x)
         grads = torch.autograd.grad(out.square().sum(), [x, m.weight, m.bias])
     finally:
-        fused.set_fused("auto")
+        kernels.set_fused("auto")
     torch.testing.assert_close(out, eager)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -154,7 +154,7 @@ def test_fused_kernels_match_eager():
 
 def cpu_kernels_or_skip():
     """The C++ kernels are built on this machine's x86 ISAs whenever a compiler is there; elsewhere skip."""
-    from dnrt.nn import raa_cpu
+    from dnrt.nn.kernels import raa_cpu
 
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
         pytest.skip("the CPU kernels need AVX2 or AVX-512 and a C++ compiler")
@@ -191,13 +191,13 @@ def test_cpu_kernels_run_under_set_fused_and_keep_nan():
     cpu_kernels_or_skip()
     x = torch.randn(4, 9, 40)
     x[1, 2, 3] = float("nan")
-    fused.set_fused(True)
+    kernels.set_fused(True)
     try:
-        assert fused.kernels(x, torch.zeros(40), -1, "gelu", None, None)[0].__module__ == "dnrt.nn.raa_cpu"
-        assert fused.kernels(x.bfloat16(), torch.zeros(40), -1, "gelu", None, None)[0].__module__ != "dnrt.nn.raa_cpu"
+        assert kernels.raa_kernels(x, torch.zeros(40), -1, "gelu", None, None)[0].__module__ == "dnrt.nn.kernels.raa_cpu"
+        assert kernels.raa_kernels(x.bfloat16(), torch.zeros(40), -1, "gelu", None, None)[0].__module__ != "dnrt.nn.kernels.raa_cpu"
         y = dnrt.RAA(40)(x)
     finally:
-        fused.set_fused("auto")
+        kernels.set_fused("auto")
     assert y.isnan().sum() == 40 and y[1, 2].isnan().all()  # as in the formula: 0·NaN makes the row's shift NaN
     y[1, 2] = x[1, 2] = 0
     torch.testing.assert_close(y, nn.functional.gelu(x))
@@ -206,20 +206,20 @@ def test_cpu_kernels_run_under_set_fused_and_keep_nan():
 def test_cpu_kernels_that_fail_to_build_warn_and_fall_back(monkeypatch):
     from torch.utils import cpp_extension
 
-    from dnrt.nn import raa_cpu
+    from dnrt.nn.kernels import build, raa_cpu
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    raa_cpu.available.cache_clear()
+    build.load_cpp.cache_clear()
     try:
         with pytest.warns(UserWarning, match=r"kernels did not build \(Ninja is required to load C\+\+ extensions\); "
                                              r"using torch.compile instead$"):
             assert raa_cpu.available() is False
     finally:
-        raa_cpu.available.cache_clear()
+        build.load_cpp.cache_clear()
 
 
 @pytest.mark.parametrize("mode", [False, True])
@@ -228,7 +228,7 @@ def test_one_vector_and_no_second_order(mode):
     torch.manual_seed(0)
     m = randomised("gelu", "vector", -1, torch.float32)
     x = torch.randn(6, requires_grad=True)
-    fused.set_fused(mode)
+    kernels.set_fused(mode)
     try:
         grads = torch.autograd.grad(m(x).sum(), [x, m.weight, m.bias])
         want = torch.autograd.grad(formula(x, m.weight, m.bias, -1, "gelu", "vector").sum(), [x, m.weight, m.bias])
@@ -237,7 +237,7 @@ def test_one_vector_and_no_second_order(mode):
         with pytest.raises(RuntimeError, match="dnrt.RAA has no second derivative"):
             torch.autograd.grad(m(x.expand(3, 6)).sum(), x, create_graph=True)
     finally:
-        fused.set_fused("auto")
+        kernels.set_fused("auto")
 
 
 def test_inside_torch_compile():
@@ -255,7 +255,7 @@ def test_inside_torch_compile():
 
 TRITON_CHECK = """
 import torch
-from dnrt.nn import raa_triton
+from dnrt.nn.kernels import raa_triton
 from dnrt.nn.raa import raa_backward, raa_forward
 torch.manual_seed(0)
 for shape, dim in [((3, 5, 48), -1), ((2, 24, 3, 5), -3), ((7, 33), -1)]:

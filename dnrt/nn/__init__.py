@@ -2,7 +2,7 @@
 from .activations import ACTIVATIONS, GDN, make_activation
 from .arr import ARR, find_layers
 from .convert import convert
-from .fused import set_fused
+from .kernels import set_fused
 from .memory import ResponseMemory
 from .raa import RAA
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import DNRTError
-from . import fused
+from . import kernels
 
 ORDERS = ("reference", "paper")
 
@@ -51,9 +51,9 @@ def sequential_means(mean0: torch.Tensor, seen: torch.Tensor, x: torch.Tensor, t
     rank loop; float32 on CUDA takes the Triton kernel; otherwise the doubling scan. The last two need no
     host-device synchronisation.
     """
-    kernels = fused.triton_module("memory_triton") if x.is_cuda and x.dtype == torch.float32 else None
-    if kernels is not None:
-        return kernels.sequential_means(mean0, seen, x, targets, momentum)
+    triton = kernels.triton_module("memory_triton") if x.is_cuda and x.dtype == torch.float32 else None
+    if triton is not None:
+        return triton.sequential_means(mean0, seen, x, targets, momentum)
     if x.device.type == "cpu" and targets.numel():
         labels = targets.numpy()
         counts = np.bincount(labels, minlength=seen.shape[0])

@@ -2,7 +2,7 @@
 
 One memory-efficient autograd Function (in the spirit of timm's ``activations_me.py``) keeps only ``x``
 and the per-vector shift ``s`` for backward and computes the gradients from SPEC §1's formulas. The
-math lives in two plain functions; ``dnrt.nn.fused`` picks single-pass Triton kernels instead on CUDA,
+math lives in two plain functions; ``dnrt.nn.kernels`` picks single-pass Triton kernels instead on CUDA,
 and on request single-pass C++ kernels on the CPU or the same two functions compiled by ``torch.compile``.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import DNRTError
-from . import fused
+from . import kernels
 
 BASES = ("gelu", "relu")
 SHIFTS = ("vector", "scalar", "elementwise")
@@ -89,7 +89,7 @@ class RAAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str):
-        run_forward, ctx.run_backward = fused.kernels(x, w, dim, base, raa_forward, raa_backward)
+        run_forward, ctx.run_backward = kernels.raa_kernels(x, w, dim, base, raa_forward, raa_backward)
         y, s = run_forward(x, w, b, dim, base)
         ctx.save_for_backward(x, s, w)
         ctx.dim, ctx.base, ctx.b_dtype = dim, base, b.dtype

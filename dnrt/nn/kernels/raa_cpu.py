@@ -7,38 +7,14 @@ a second ``exp`` on Φ, which keeps it above 1.5× GELU's time.
 """
 from __future__ import annotations
 
-import functools
-import re
-import sys
-import warnings
-from pathlib import Path
-
 import torch
 
-_SOURCE = Path(__file__).with_name("raa_cpu.cpp")
-_ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
-}
+from .build import load_cpp
 
 
-@functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether the kernels are loaded; the first call builds them (a warning says why a build failed)."""
-    isa = torch.backends.cpu.get_cpu_capability()
-    if isa not in _ISA_FLAGS or sys.platform == "win32":
-        return False
-    from torch.utils import cpp_extension
-
-    name = re.sub(r"\W", "_", f"dnrt_raa_cpu_{isa}_torch{torch.__version__}").lower()
-    flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", *_ISA_FLAGS[isa]]
-    try:
-        cpp_extension.load(name, [str(_SOURCE)], extra_cflags=flags, is_python_module=False)
-    except Exception as error:  # no compiler, no ninja, a read-only cache: the compiled path still works
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        warnings.warn(f"dnrt: the CPU RAA kernels did not build ({reason}); using torch.compile instead")
-        return False
-    return True
+    return load_cpp("raa_cpu.cpp", "CPU RAA kernels", "using torch.compile instead")
 
 
 def supports(x: torch.Tensor, w, dim: int, base: str) -> bool:

@@ -1,8 +1,8 @@
-"""Which kernels run RAA: hand-written Triton on CUDA, hand-written C++ or compiled math on request, or plain PyTorch.
+"""The choice of kernels: hand-written Triton on CUDA, hand-written C++ or compiled math on request, or plain PyTorch.
 
 Eager PyTorch runs RAA's formulas as a dozen passes over the tensor where GELU is one kernel. On CUDA
-the Triton kernels of ``raa_triton`` make each direction a single pass. On the CPU ``set_fused(True)``
-runs the C++ kernels of ``raa_cpu`` where they apply (GELU base, vector shift, float32 features last)
+the Triton kernels of ``kernels.raa_triton`` make each direction a single pass. On the CPU ``set_fused(True)``
+runs the C++ kernels of ``kernels.raa_cpu`` where they apply (GELU base, vector shift, float32 features last)
 and otherwise compiles the very same math of ``raa.py`` with ``torch.compile``; both build on first use,
 then are cached on disk. Inside a ``torch.compile``'d model the plain functions run and the outer
 compiler fuses them.
@@ -44,7 +44,7 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, fullgraph=True)
 
 
-def kernels(x: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str, forward: Callable, backward: Callable):
+def raa_kernels(x: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str, forward: Callable, backward: Callable):
     """The (forward, backward) pair to run RAA on ``x``; ``forward``/``backward`` are the plain math."""
     if _mode is False or torch.compiler.is_compiling():
         return forward, backward
