@@ -4,7 +4,8 @@ Counting convention: one multiply-add (MAC) is counted once and reported as "FLO
 paper do (ViT-Tiny at 224×224: 1.08 G). PyTorch's FlopCounterMode counts 2 per MAC; we halve it. The
 headline number is the paper's: the multiply-adds of layers with weights (linear, convolution) plus
 RAA's shift wᵀx (d per feature vector); the parameter-free attention products (QKᵀ and AV) are reported
-in their own column, since the paper's 1.078 G leaves them out.
+in their own column, since the paper's 1.078 G leaves them out. Latency is of eager inference and, with
+`--compile [MODE]`, also of the `torch.compile`d model (compilation excluded).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def _cpu_sdpa_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -
     """FLOPs of the CPU flash-attention kernel, with PyTorch's own formula for its CUDA siblings."""
     return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
 
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # PyTorch's table lacks the CPU attention kernel; with it a CPU count equals a CUDA count.
 CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop}
@@ -103,14 +106,20 @@ def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, arr: Optiona
     return step
 
 
-def profile_one(model: nn.Module, img_size: int, batch_size: int, device: str, min_run_time: float) -> dict[str, Any]:
-    """Parameters, MACs per image (counted on CPU at batch 1) and median latency of a built model."""
+def profile_one(model: nn.Module, img_size: int, batch_size: int, device: str, min_run_time: float,
+                compile_mode: Optional[str] = None) -> dict[str, Any]:
+    """Parameters, MACs per image (counted on CPU at batch 1) and median latency of a built model; with
+    `compile_mode`, also the latency of `torch.compile(model, mode=compile_mode)` (its compilation is not timed)."""
     model = model.eval().cpu()
     counts = count_macs(model, torch.randn(1, 3, img_size, img_size))
     model.to(device)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    return {"params": sum(p.numel() for p in model.parameters()), **counts,
-            "latency_ms": 1e3 * median_latency(_inference(model, x), min_run_time)}
+    row = {"params": sum(p.numel() for p in model.parameters()), **counts,
+           "latency_ms": 1e3 * median_latency(_inference(model, x), min_run_time)}
+    if compile_mode is not None:
+        compiled = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
+        row["compiled_latency_ms"] = 1e3 * median_latency(_inference(compiled, x), min_run_time)
+    return row
 
 
 def arr_cost(model: nn.Module, num_classes: int, img_size: int, batch_size: int, device: str,
@@ -132,8 +141,9 @@ def arr_cost(model: nn.Module, num_classes: int, img_size: int, batch_size: int,
 
 def profile_model(name: str, act: str = "raa", arr: bool = False, batch_size: int = 1, device: str = "cpu",
                   img_size: int = 224, num_classes: int = 1000, min_run_time: float = 1.0,
-                  model_lib: Optional[str] = None) -> dict[str, Any]:
-    """Profile `name` with its own activation and with `act` (DNRT), as two rows of a table."""
+                  model_lib: Optional[str] = None, compile_mode: Optional[str] = None) -> dict[str, Any]:
+    """Profile `name` with its own activation and with `act` (DNRT), as two rows of a table; with `compile_mode`
+    (a `torch.compile` mode, or "default"), also their compiled inference latency."""
     from dnrt.tool.models import create_model
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DNRTError("--device cuda asked for, but no CUDA device is available")
@@ -141,21 +151,28 @@ def profile_model(name: str, act: str = "raa", arr: bool = False, batch_size: in
     for label, activation in (("original", None), (act, act)):
         torch.manual_seed(0)
         model = create_model(name, num_classes, img_size=img_size, act=activation, model_lib=model_lib)
-        rows[label] = profile_one(model, img_size, batch_size, device, min_run_time)
+        rows[label] = profile_one(model, img_size, batch_size, device, min_run_time, compile_mode)
         if arr and activation is not None:
             rows[label].update(arr_cost(model, num_classes, img_size, batch_size, device, min_run_time))
     return {"model": name, "img_size": img_size, "num_classes": num_classes, "batch_size": batch_size,
-            "device": device, "convention": "1 multiply-add = 1 FLOP; attention products excluded", "rows": rows}
+            "device": device, "compile": compile_mode,
+            "convention": "1 multiply-add = 1 FLOP; attention products excluded", "rows": rows}
 
 
 def format_profile(result: dict[str, Any]) -> str:
     """A Markdown table of profile_model's rows, Table 4's columns plus the attention products."""
+    compiled = result.get("compile")
     head = ["activation", "params (M)", "GFLOPs (MACs)", "of which RAA (M)", "attention products (G)",
             f"latency (ms, batch {result['batch_size']}, {result['device']})"]
+    if compiled:
+        head.append(f"compiled latency (ms, {compiled})")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, row in result["rows"].items():
-        lines.append(f"| {label} | {row['params'] / 1e6:.3f} | {row['macs'] / 1e9:.4f} | {row['raa_macs'] / 1e6:.3f} | "
-                     f"{row['attention_macs'] / 1e9:.4f} | {row['latency_ms']:.2f} |")
+        cells = [label, f"{row['params'] / 1e6:.3f}", f"{row['macs'] / 1e9:.4f}", f"{row['raa_macs'] / 1e6:.3f}",
+                 f"{row['attention_macs'] / 1e9:.4f}", f"{row['latency_ms']:.2f}"]
+        if compiled:
+            cells.append(f"{row['compiled_latency_ms']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
     notes = [f"{result['model']} at {result['img_size']}×{result['img_size']}, {result['num_classes']} classes; "
              "GFLOPs count one multiply-add once (timm's and the paper's convention), without attention products."]
     for label, row in result["rows"].items():
@@ -179,6 +196,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=224, help="input size (default 224, as in Table 4)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                        help="also time inference of the torch.compile'd model, in this mode (default: default)")
     parser.add_argument("--out", default=None, help="also write the table (.md) and numbers (.json) here")
 
 
@@ -187,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.img_size < 1 or args.num_classes < 1:
         raise DNRTError("--batch-size, --img-size and --num-classes must be positive")
     result = profile_model(args.model, args.act, args.arr, args.batch_size, args.device, args.img_size,
-                           args.num_classes, args.min_time, args.model_lib)
+                           args.num_classes, args.min_time, args.model_lib, args.compile)
     table = format_profile(result)
     print(table, end="")
     if args.out:
