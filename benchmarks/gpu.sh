@@ -13,7 +13,7 @@
 # come as wheels in .whl/ at the repository root (ignored by git), installed with --no-index --no-deps into a
 # temporary folder on PYTHONPATH; prepare them on a machine with network, e.g. for timm:
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux2014_x86_64 --platform any -d .whl timm==1.0.31
+#         --platform manylinux2014_x86_64 -d .whl timm==1.0.31
 # PYTHON names the interpreter (default python3).
 #
 # --dry-run: the same steps on the CPU with tiny sizes (each script's --dry-run; compilation through dynamo with the
@@ -53,7 +53,9 @@ DNRT=("$PY" -c 'import sys; from dnrt.tool.cli import main; sys.exit(main(sys.ar
 
 ARGS="$*"
 START=$SECONDS
-STAMP=$(date -u +%s)
+STARTED="$(date -u '+%Y-%m-%d %H:%M UTC')"
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+git status --porcelain 2>/dev/null | grep -q . && COMMIT="$COMMIT (+ uncommitted changes)"
 NAMES=() STATES=() TIMES=() COMMANDS=() LOGS=()
 : > "$WORK/full.log"
 
@@ -62,8 +64,8 @@ write_summary() {  # summary.md from what has run so far, written atomically
     {
         echo "# DNRT GPU benchmarks$([ $DRY = 1 ] && echo ' (dry run on the CPU: timings meaningless)')"
         echo
-        echo "Command: \`bash benchmarks/gpu.sh $ARGS\`, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)," \
-             "started $(date -u -d "@$STAMP" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo "$STAMP"), $((SECONDS - START)) s so far."
+        echo "Command: \`bash benchmarks/gpu.sh $ARGS\`, commit $COMMIT, started $STARTED," \
+             "$((SECONDS - START)) s so far."
         echo
         [ -s "$WORK/env.txt" ] && { sed 's/^/    /' "$WORK/env.txt"; echo; }
         echo "| step | status | seconds | command |"

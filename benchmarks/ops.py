@@ -146,7 +146,8 @@ def channels_first_speed(device: torch.device, sizes: Sizes, fused_rows: bool, t
           f"{device.type} (goal: default ≤ 1.5×)")
     results = side_by_side(activation_runs(raa, x, fused_rows, None), sizes.rounds, sizes.min_time)
     print_rows(results)
-    table.append((f"RAA(channel_dim=1) vs GELU, NCHW {label}, default", ratio(results["dnrt.RAA (default)"]), "≤ 1.5×"))
+    table.append((f"RAA(channel_dim=1) vs GELU, NCHW {label}, default", ratio(results["dnrt.RAA (default)"]),
+                  "≤ 1.5×"))
 
 
 def vit_tiny(depth: int, drop_path: float = 0.0) -> nn.Module:
@@ -243,7 +244,8 @@ def compile_check(device: torch.device, sizes: Sizes, backend: str, table: list)
     batches = [(torch.randn(sizes.vit_batch, 3, 32, 32, device=device),
                 torch.randint(0, 100, (sizes.vit_batch,), device=device)) for _ in range(sizes.compile_steps)]
     print(f"\n6. torch.compile of forward + CE + arr.loss, converted ViT-Tiny (depth {sizes.vit_depth}), batch "
-          f"{sizes.vit_batch}, backend {backend}, {device.type} (goal: fullgraph compiles once; 0 breaks, 0 recompiles)")
+          f"{sizes.vit_batch}, backend {backend}, {device.type} "
+          "(goal: fullgraph compiles once; 0 breaks, 0 recompiles)")
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(backend)
     try:
