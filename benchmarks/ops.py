@@ -69,12 +69,6 @@ def fused(mode, fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def print_rows(results: Dict[str, tuple], as_speedup: bool = False) -> None:
-    """One line per candidate: median ms and ratio to the first (or, ``as_speedup``, how many times faster)."""
-    for name, result in results.items():
-        print(f"   {name:34s} {result[0]:9.3f} ms   {(faster if as_speedup else ratio)(result)}")
-
-
 def ratio(result: tuple) -> str:
     """A ``side_by_side`` result as 'median× (min–max)'."""
     _, median, (low, high) = result
@@ -85,6 +79,12 @@ def faster(result: tuple) -> str:
     """A ``side_by_side`` result against a slower baseline, as 'N× faster (min–max)'."""
     _, median, (low, high) = result
     return f"{1 / median:.1f}× faster ({1 / high:.1f}–{1 / low:.1f})"
+
+
+def print_rows(results: Dict[str, tuple], as_speedup: bool = False) -> None:
+    """One line per candidate: median ms and ratio to the first (or, ``as_speedup``, how many times faster)."""
+    for name, result in results.items():
+        print(f"   {name:34s} {result[0]:9.3f} ms   {(faster if as_speedup else ratio)(result)}")
 
 
 def activation_runs(raa: dnrt.RAA, x: torch.Tensor, fused_rows: bool, autocast: Optional[torch.dtype]):
@@ -266,12 +266,12 @@ def compile_check(device: torch.device, sizes: Sizes, backend: str, table: list)
         model, _, forward_loss = build()
         compiled = torch.compile(forward_loss, backend=counter)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        after_first = 0
         for i, (x, y) in enumerate(batches):
             compiled(x, y).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            after_first = after_first or counter.frame_count
+            if i == 0:
+                after_first = counter.frame_count
         breaks = sum(counters["graph_break"].values())
         reason = next(iter(counters["graph_break"]), "")
         step = (f"{breaks} graph break(s), {counter.frame_count - after_first} compilation(s) after step 1 "

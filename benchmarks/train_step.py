@@ -26,8 +26,8 @@ from torch.nn import functional as F
 
 import dnrt
 from authors import AuthorsARR, to_authors_raa
-from timing import header, rounds, summary
 from dnrt.tool.models import create_model
+from timing import header, rounds, summary
 
 KINDS = {"gelu": "GELU", "raa": "RAA", "raa_arr": "RAA + ARR", "authors": "authors' RAA + ARR"}
 MODELS = ("vit_tiny_patch4_32", "resnet18_cifar")
