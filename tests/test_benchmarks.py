@@ -17,10 +17,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def bench(monkeypatch):
-    """The benchmarks folder importable, as the scripts import each other."""
+    """The benchmarks folder importable, as the scripts import each other; dynamo's caches cleared after."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import authors
-    return authors
+    yield authors
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("channel_dim,shape", [(-1, (3, 5, 6)), (1, (2, 6, 3, 4))])
@@ -91,13 +92,21 @@ def test_train_step_dry_run_times_every_kind_eager_and_compiled(bench, capsys, m
     assert all(row[-1] == "n/a |" for row in rows)  # no profiler counts on the CPU
 
 
-def test_profile_compile_adds_a_compiled_latency_column(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)  # the wiring, not inductor, is under test
-    result = profile.profile_model("mlp", img_size=8, num_classes=10, min_run_time=0.01, compile_mode="default")
-    assert result["compile"] == "default"
+@pytest.mark.parametrize("mode,passed", [("default", None), ("reduce-overhead", "reduce-overhead")])
+def test_profile_compile_adds_a_compiled_latency_column(monkeypatch, mode, passed):
+    modes = []
+
+    def fake_compile(model, mode=None):  # the wiring, not inductor, is under test
+        modes.append(mode)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    result = profile.profile_model("mlp", img_size=8, num_classes=10, min_run_time=0.01, compile_mode=mode)
+    assert modes == [passed, passed]  # the original model and the DNRT one
+    assert result["compile"] == mode
     assert all(row["compiled_latency_ms"] > 0 for row in result["rows"].values())
     header = profile.format_profile(result).splitlines()[0]
-    assert header.endswith("| compiled latency (ms, default) |")
+    assert header.endswith(f"| compiled latency (ms, {mode}) |")
 
 
 FAKE_PYTHON = """\
