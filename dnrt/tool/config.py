@@ -182,8 +182,8 @@ def jsonable(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unknown(key: str, source: str) -> str:
-    close = difflib.get_close_matches(key, DEFAULTS, n=2, cutoff=0.75)
-    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    close = difflib.get_close_matches(key, DEFAULTS, n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown config key '{key}' in {source}{hint}"
 
 
@@ -220,6 +220,11 @@ def _derived(cfg: dict[str, Any], name: str) -> dict[str, Any]:
         cfg["num_workers"] = min(os.cpu_count() or 1, cfg["batch_size"] if cfg["batch_size"] > 1 else 0, 8)
     if not cfg["no_pretrain"]:
         cfg["pretrained"] = True
+    act_layer = cfg["model_kwargs"].get("act_layer")
+    if act_layer is not None and cfg["act"] is None:
+        from dnrt.compat import ACT_LAYERS
+
+        cfg["act"] = ACT_LAYERS[act_layer][0]
     return cfg
 
 

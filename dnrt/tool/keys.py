@@ -190,9 +190,8 @@ def model_kwargs() -> Check:
             value = {**value, "act_layer": act_layer_name(value["act_layer"])}
         return base.accept(value)
 
-    from dnrt.compat import ACT_LAYERS
-
-    return Check(f"a dict of plain values with string keys (act_layer: one of {', '.join(ACT_LAYERS)})", accept)
+    return Check("a dict of plain values with string keys; act_layer: a class of dnrt.compat, torch.nn.GELU or "
+                 "torch.nn.ReLU", accept)
 
 
 @dataclass(frozen=True)
@@ -211,11 +210,11 @@ def _keys(*rows: tuple) -> dict[str, Key]:
 
 KEYS: dict[str, Key] = _keys(
     # data
-    ("dataset", "cifar100", name(), "dataset name (see Datasets below)", "data", "-d"),
+    ("dataset", "cifar100", name(), "dataset name (the README's Datasets)", "data", "-d"),
     ("data_root", "./data", name(), "folder the dataset lives in (and downloads to)", "data"),
     ("image_size", None, optional(integer(1), "None (the dataset's own size)"),
      "input side in pixels; digits and fake are resized to it", "data"),
-    ("imbalance_factor", 100, number(1), "β of the long-tailed *_lt datasets", "data"),
+    ("imbalance_factor", 100, number(1), "β of the long-tailed `<name>_lt` datasets", "data"),
     ("no_aug", None, optional(boolean(), "None (True for digits, fake, mnist, fashion_mnist)"),
      "True: resize and normalise only; False: the paper's timm augmentation", "data"),
     ("train_aug_kwargs", {}, mapping(), "overrides of timm.data.create_transform(is_training=True)", "data"),
@@ -226,7 +225,7 @@ KEYS: dict[str, Key] = _keys(
     ("drop_last", None, optional(boolean(), "None (drop a last partial batch unless it is the only one)"),
      "drop the last incomplete training batch of each epoch", "data"),
     # model
-    ("model", "vit_tiny_patch4_32", name(), "model name (see Models below)", "model", "-m"),
+    ("model", "vit_tiny_patch4_32", name(), "model name (the README's Models)", "model", "-m"),
     ("model_lib", None, choice(None, "timm", "torchvision", aliases={"default": None}),
      "None: the tool's models; 'timm'/'torchvision': any model of that library; 'default' is the authors' "
      "name for None", "model"),
