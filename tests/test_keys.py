@@ -1,8 +1,10 @@
 """The table of keys: the authors' command line in all its forms, every bad value, --help and the README table."""
+import json
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from dnrt.errors import DNRTError
 from dnrt.tool import keys
@@ -178,3 +180,56 @@ def test_readme_key_tables_are_the_table():
 def test_defaults_pass_their_own_checks():
     for key in keys.KEYS.values():
         assert key.check(key.default) == key.default, key.name
+
+
+def test_keys_that_cannot_mean_anything_are_named_in_one_line():
+    from dnrt.tool.config import ignored
+
+    assert ignored(resolve({}), distributed=False, device_type="cpu") is None
+    cfg = resolve({"dist_url": "tcp://10.0.0.1:23456", "world_size": 4, "local_rank": 0, "dist_backend": "nccl",
+                   "load_pos": "w.pth", "scheduler": "step", "step_size": 30, "warmup_epochs": 5})
+    line = ignored(cfg, distributed=True, device_type="cpu")
+    assert line.startswith("ignored: ") and "\n" not in line
+    for part in ("world_size=4", "local_rank=0", "dist_url='tcp://10.0.0.1:23456'", "dist_backend='nccl' (gloo on cpu)",
+                 "load_pos='w.pth'", "warmup_epochs=5, warmup_steps=0 (the step schedule has no warm-up"):
+        assert part in line
+
+
+def test_cuda_without_cuda_falls_back_to_the_cpu_with_one_line(monkeypatch, capsys):
+    from dnrt.tool import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.select_device("cuda") == torch.device("cpu")
+    assert capsys.readouterr().out == "device 'cuda': CUDA is not available, running on the CPU\n"
+
+
+def test_no_dist_under_torchrun_is_refused(monkeypatch):
+    from dnrt.tool import distributed
+
+    distributed.refuse_no_dist(True)  # one process: nothing to disable
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.refuse_no_dist(False)
+    with pytest.raises(DNRTError, match="no_dist=True, but torchrun started 2 processes"):
+        distributed.refuse_no_dist(True)
+
+
+@pytest.mark.parametrize("drop_last, batches", [(None, 3), (True, 3), (False, 4)])
+def test_drop_last_and_pin_memory_reach_the_loader(drop_last, batches):
+    from torch.utils.data import TensorDataset
+
+    from dnrt.tool.train import train_loader
+
+    cfg = resolve({"batch_size": 3, "num_workers": 0, "drop_last": drop_last, "pin_memory": False})
+    loader, _ = train_loader(cfg, TensorDataset(torch.zeros(10, 1)))
+    assert len(loader) == batches and loader.pin_memory is False
+
+
+def test_start_epoch_starts_a_fresh_run_there(tmp_path):
+    from tiny_config import TINY
+
+    config = tmp_path / "tiny.py"
+    config.write_text(TINY)
+    assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "run"), "--start_epoch", "1"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1]
