@@ -233,3 +233,11 @@ def test_start_epoch_starts_a_fresh_run_there(tmp_path):
     assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "run"), "--start_epoch", "1"]) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
     assert [row["epoch"] for row in log] == [1]
+
+
+def test_a_key_left_as_ellipsis_is_not_set(tmp_path):
+    (tmp_path / "_base_.py").write_text("dataset = ...\nmodel = ...\n")
+    config = tmp_path / "exp.py"
+    config.write_text("from _base_ import *\nmodel = 'mlp'\n")
+    with pytest.raises(DNRTError, match=re.escape(f"dataset is not set (it is ... in {tmp_path / '_base_.py'})")):
+        load_config(str(config))

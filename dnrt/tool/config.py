@@ -240,6 +240,9 @@ def resolve(values: Mapping[str, Any], name: str = "run", sources: Mapping[str, 
         if key not in KEYS:
             cfg[key] = value
             continue
+        if value is Ellipsis:  # the authors' _base_.py leaves dataset and model as `...` for each config to set
+            problems.append(f"{key} is not set (it is ... in {sources.get(key, name)})")
+            continue
         try:
             cfg[key] = KEYS[key].check(value)
         except ValueError as e:

@@ -18,7 +18,7 @@ GROUPS = {
     "schedule": "Learning-rate schedule",
     "runtime": "Runtime",
     "output": "Output and resuming",
-    "authors": "Kept from the authors' tool",
+    "authors": "Authors' tool",
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
