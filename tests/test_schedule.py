@@ -95,3 +95,20 @@ def test_optimizer_takes_the_configs_settings():
     assert isinstance(optimizer, torch.optim.SGD)
     decays = sorted(g["weight_decay"] for g in optimizer.param_groups)
     assert decays == [0.0, 0.01] and {g["momentum"] for g in optimizer.param_groups} == {0.7}
+
+
+def test_drop_lr_now_on_a_resume_of_the_tool(tmp_path):
+    import json
+
+    from dnrt.tool.cli import main_py
+    from tiny_config import TINY
+
+    config = tmp_path / "tiny.py"
+    config.write_text(TINY.replace("epochs = 2", "epochs = 2\nscheduler = 'step'\nstep_size = 5"))
+    assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "full")]) == 0
+    assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "dropped"), "--drop_lr_now",
+                    "-r", str(tmp_path / "full" / "checkpoint_0000.pth")]) == 0
+    full, dropped = ([json.loads(line) for line in (tmp_path / run / "log.txt").read_text().splitlines()]
+                     for run in ("full", "dropped"))
+    assert [row["epoch"] for row in dropped] == [1]
+    assert dropped[0]["lr"] == pytest.approx(0.1 * full[1]["lr"]) and full[1]["lr"] == pytest.approx(1e-3)
