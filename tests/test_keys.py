@@ -241,3 +241,12 @@ def test_a_key_left_as_ellipsis_is_not_set(tmp_path):
     config.write_text("from _base_ import *\nmodel = 'mlp'\n")
     with pytest.raises(DNRTError, match=re.escape(f"dataset is not set (it is ... in {tmp_path / '_base_.py'})")):
         load_config(str(config))
+
+
+def test_a_cuda_index_past_the_machines_devices_is_refused(monkeypatch):
+    from dnrt.tool import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DNRTError, match="device 'cuda:3': this machine has 1 CUDA device"):
+        distributed.select_device("cuda:3")

@@ -45,6 +45,8 @@ def select_device(requested: str | None) -> torch.device:
         return torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise DNRTError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

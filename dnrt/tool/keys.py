@@ -278,7 +278,7 @@ KEYS: dict[str, Key] = _keys(
      "schedule"),
     ("start_epoch", 0, integer(0), "epoch a fresh run starts at (a resume takes the checkpoint's)", "schedule"),
     # runtime
-    ("seed", 42, integer(0), "seed of Python, NumPy and torch (reseeded every epoch)", "runtime"),
+    ("seed", 42, integer(0, 2**32 - 1), "seed of Python, NumPy and torch (reseeded every epoch)", "runtime"),
     ("device", None, optional(device(), "None (CUDA when available)"),
      "device; 'cuda' without CUDA falls back to the CPU with one line", "runtime"),
     ("find_unused_params", False, boolean(), "DistributedDataParallel(find_unused_parameters=...)", "runtime"),
