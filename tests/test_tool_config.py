@@ -2,7 +2,7 @@
 import pytest
 
 from dnrt.errors import DNRTError
-from dnrt.tool.config import DEFAULTS, load_config, parse_overrides
+from dnrt.tool.config import DEFAULTS, load_config, parse_overrides, resolve
 
 
 def write(folder, name, text):
@@ -48,10 +48,27 @@ def test_unknown_override_names_closest(tmp_path):
 def test_override_values_are_literals_or_strings():
     assert parse_overrides(["--lr", "1e-3", "--model", "resnet18", "--act", "None", "--eval"]) == {
         "lr": 1e-3, "model": "resnet18", "act": None, "eval": True}
-    with pytest.raises(DNRTError, match="expected an option"):
+    with pytest.raises(DNRTError, match="unexpected argument .epochs.: give keys as --key value"):
         parse_overrides(["epochs", "2"])
 
 
 def test_missing_config_file(tmp_path):
     with pytest.raises(DNRTError, match="config file not found"):
         load_config(str(tmp_path / "nope.py"))
+
+
+def test_the_authors_common_file_is_a_sibling_like_base(tmp_path):
+    write(tmp_path, "_common_.py", "epochs = 5\nbatch_size = 0\n")
+    cfg_file = write(tmp_path, "exp.py", "from _common_ import *\nlr = 0.1\n")
+    with pytest.raises(DNRTError, match=f"batch_size = 0 in {tmp_path / '_common_.py'}: must be an integer ≥ 1"):
+        load_config(str(cfg_file))
+    write(tmp_path, "_common_.py", "epochs = 5\n")
+    assert load_config(str(cfg_file))["epochs"] == 5  # read afresh, not the module cached by the first load
+
+
+def test_values_from_a_saved_config_resolve_to_themselves(tmp_path):
+    cfg_file = write(tmp_path, "exp.py", "criterion = 'ce_arr'\nmodel_lib = 'default'\nnum_workers = None\n"
+                                         "no_pretrain = False\n")
+    cfg = load_config(str(cfg_file))
+    assert (cfg["criterion"], cfg["model_lib"], cfg["pretrained"]) == ("arr", None, True)
+    assert isinstance(cfg["num_workers"], int) and resolve(cfg, "exp") == cfg

@@ -18,35 +18,42 @@ OTHER_COMMANDS = {
     "profile": ("profile", "measure parameters, FLOPs and speed of a model with and without DNRT"),
     "reproduce": ("reproduce", "run or summarise the paper's tables as a grid of runs"),
 }
-OVERRIDES_HELP = "any config key as --key value (e.g. --epochs 2 --model_kwargs '{\"depth\": 2}') overrides the config"
+RUN_COMMANDS = {"train": "train a model from a config",
+                "eval": "evaluate a checkpoint (top-1/5, loss, P/R/F1, per class)"}
+OVERRIDES_HELP = ("every config key is an option: --key value, --key=value, a bare --flag for True, several words for "
+                  "a list (--milestones 30 60); a value is a Python literal where it parses, else text")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `dnrt train`, `dnrt eval` and main.py."""
-    parser.add_argument("-c", "--config",
-                        help="python config file (module-level variables; `from _base_ import *` works)")
-    parser.add_argument("-r", "--resume", help="checkpoint to resume training from, or to evaluate with --eval")
-    parser.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint on the test set")
+def run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `dnrt train`, `dnrt eval` and main.py: -c CONFIG and every config key, grouped."""
+    from dnrt.tool.config import key_parser
+
+    parser = key_parser(prog=prog, description=description, epilog=OVERRIDES_HELP,
+                        usage="%(prog)s [-c CONFIG] [-r CKPT] [--eval] [--key value ...]")
+    parser.add_argument("-h", "--help", action="help", help="show this help and exit")
+    parser.add_argument("-c", "--config", help="python config file (module-level variables; `from _base_ import *` "
+                                               "works); without it, eval takes the checkpoint's own config")
+    return parser
 
 
-def run_tool(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+def run_tool(argv: Sequence[str], parser: argparse.ArgumentParser, eval_only: bool = False) -> int:
     """Resolve the config (file + overrides, or the checkpoint's own for eval) and train or evaluate."""
-    from dnrt.tool.config import load_config, parse_overrides, resolve
+    from dnrt.tool.config import COMMAND_LINE, load_config, namespace_values, resolve, unknown_options
 
+    args, rest = parser.parse_known_args(list(argv))
+    overrides = {**unknown_options(rest), **namespace_values(args)}
+    if eval_only:
+        overrides["eval"] = True
     if args.config:
         cfg = load_config(args.config, overrides)
-    elif args.eval and args.resume:
+    elif overrides.get("eval") and overrides.get("resume"):
         from dnrt.tool.checkpoint import load_checkpoint
 
-        saved = load_checkpoint(args.resume).get("config") or {}
-        cfg = resolve({**saved, "resume": None, "eval": False, **parse_overrides(overrides)},
-                      Path(args.resume).parent.name)
+        saved = load_checkpoint(overrides["resume"]).get("config") or {}
+        sources = {**{k: f"the config of {overrides['resume']}" for k in saved}, **{k: COMMAND_LINE for k in overrides}}
+        cfg = resolve({**saved, **overrides}, Path(overrides["resume"]).parent.name, sources)
     else:
         raise DNRTError("give a config with -c CONFIG (or, to evaluate, a checkpoint with -r CKPT --eval)")
-    if args.resume:
-        cfg["resume"] = args.resume
-    if args.eval:
-        cfg["eval"] = True
 
     from dnrt.tool.graph import GRAPHS
 
@@ -65,9 +72,10 @@ def run_tool(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         from dnrt.tool.distributed import is_main_process
 
         if is_main_process():
+            note = f" Note: {cfg['note']}" if cfg["note"] else ""
             print(f"done: best test top-1 {result['best_acc1']:.2f}%, last {result['test_acc1']:.2f}%. "
                   f"Outputs in {result['output_dir']}: config.json, log.txt, checkpoint.pth, checkpoint_best.pth, "
-                  f"tensorboard/", flush=True)
+                  f"tensorboard/.{note}", flush=True)
     return 0
 
 
@@ -98,11 +106,8 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser:
                                      description="Dynamic Neural Response Tuning: training and analysis tool",
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = sub.add_parser("train", help="train a model from a config", epilog=OVERRIDES_HELP, allow_abbrev=False)
-    add_run_arguments(train)
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint (top-1/5, loss, P/R/F1, per class)",
-                              epilog=OVERRIDES_HELP, allow_abbrev=False)
-    add_run_arguments(evaluate)
+    for name, help_text in RUN_COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)  # parsed by run_parser: see main()
     for name, (_, help_text) in OTHER_COMMANDS.items():
         subparser = sub.add_parser(name, help=help_text)
         if name == command:
@@ -115,7 +120,8 @@ def _user_facing(run: Callable[[], int]) -> int:
     try:
         return run()
     except DNRTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        for line in str(e).splitlines() or [""]:
+            print(f"error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -132,10 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def run() -> int:
         command = argv[0] if argv else None
         parser = _build_parser(command)
-        if command in ("train", "eval"):
-            args, overrides = parser.parse_known_args(argv)
-            args.eval = args.eval or command == "eval"
-            return run_tool(args, overrides)
+        if command in RUN_COMMANDS:
+            return run_tool(argv[1:], run_parser(f"dnrt {command}", RUN_COMMANDS[command]), command == "eval")
         args = parser.parse_args(argv)
         return int(_load_command(args.command).run(args) or 0)
 
@@ -145,12 +149,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 def main_py(argv: Sequence[str] | None = None) -> int:
     """The authors' command line: python main.py -c CONFIG [-r/--resume CKPT] [--eval] [--key value ...]."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="main.py", description="Train or evaluate a DNRT model from a config",
-                                     epilog=OVERRIDES_HELP, allow_abbrev=False)
-    add_run_arguments(parser)
-
-    def run() -> int:
-        args, overrides = parser.parse_known_args(argv)
-        return run_tool(args, overrides)
-
-    return _user_facing(run)
+    return _user_facing(lambda: run_tool(argv, run_parser("main.py", "Train or evaluate a DNRT model from a config")))

@@ -38,12 +38,23 @@ def select_device(requested: str | None) -> torch.device:
     """The device for this process: the requested one, else CUDA (this process's local GPU) when available."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DNRTError("device 'cuda' requested but CUDA is not available; use --device cpu")
     device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():  # as the authors' tool does
+        if is_main_process():
+            print(f"device {name!r}: CUDA is not available, running on the CPU", flush=True)
+        return torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise DNRTError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def refuse_no_dist(no_dist: bool) -> None:
+    """`no_dist=True` (the authors' "forcibly disable distributed mode") cannot hold under torchrun's processes."""
+    if no_dist and launched_by_torchrun():
+        raise DNRTError(f"no_dist=True, but torchrun started {os.environ['WORLD_SIZE']} processes: run without "
+                        f"torchrun, or drop no_dist")
 
 
 def init_distributed(device: torch.device) -> None:

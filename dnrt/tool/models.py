@@ -195,8 +195,12 @@ def _from_library(lib: str, name: str, num_classes: int, in_chans: int, img_size
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 32, act: str | None = None,
                  model_lib: str | None = None, model_kwargs: dict | None = None) -> nn.Module:
-    """Build a model by name; entries of model_kwargs override the derived sizes; `act` swaps every activation."""
+    """Build a model by name; entries of model_kwargs override the derived sizes; `act` swaps every activation
+    (model_kwargs' act_layer, the authors' way, sets it: see dnrt.compat)."""
+    from dnrt.compat import from_act_layer, set_shift
+
     kwargs = dict(model_kwargs or {})
+    act, shift = from_act_layer(kwargs.pop("act_layer", None), act)
     num_classes = kwargs.pop("num_classes", num_classes)
     in_chans = kwargs.pop("in_chans", in_chans)
     img_size = kwargs.pop("img_size", img_size)
@@ -218,6 +222,8 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int =
         example = torch.zeros(2, in_chans, img_size, img_size)
         model.eval()  # the dry forward of convert must not touch BatchNorm statistics
         convert(model, example, activation=act, replace="all")
+        if shift is not None:
+            set_shift(model, shift)
         model.train()
     return model
 

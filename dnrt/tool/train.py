@@ -13,8 +13,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -24,9 +22,10 @@ from tqdm import tqdm
 from dnrt.errors import DNRTError
 from dnrt.tool import distributed as D
 from dnrt.tool.checkpoint import load_checkpoint, save_checkpoint
-from dnrt.tool.config import jsonable
+from dnrt.tool.config import ignored, jsonable
 from dnrt.tool.data import build_dataset, dataset_info
 from dnrt.tool.models import build_arr, create_model
+from dnrt.tool.schedule import build_optimizer, build_scheduler, drop_lr_now
 
 LOG_TEST_KEYS = ("test_loss", "test_acc1", "test_acc5")
 
@@ -75,15 +74,16 @@ def test_loader(cfg: dict, dataset: Dataset) -> DataLoader:
     """This process's share of the test set, without the padding a DistributedSampler would add."""
     shard = Subset(dataset, range(D.get_rank(), len(dataset), D.get_world_size()))
     return DataLoader(shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"],
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=cfg["pin_memory"] and torch.cuda.is_available())
 
 
 def train_loader(cfg: dict, dataset: Dataset) -> tuple[DataLoader, DistributedSampler]:
     """A DistributedSampler even for one process: shuffling then depends only on seed and epoch."""
     sampler = DistributedSampler(dataset, num_replicas=D.get_world_size(), rank=D.get_rank(), shuffle=True,
                                  seed=cfg["seed"])
+    drop_last = len(sampler) > cfg["batch_size"] if cfg["drop_last"] is None else cfg["drop_last"]
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
-                        pin_memory=torch.cuda.is_available(), drop_last=len(sampler) > cfg["batch_size"],
+                        pin_memory=cfg["pin_memory"] and torch.cuda.is_available(), drop_last=drop_last,
                         persistent_workers=cfg["num_workers"] > 0)
     return loader, sampler
 
@@ -206,7 +206,11 @@ def train(cfg: dict) -> dict[str, Any]:
     """Train for cfg['epochs'] epochs (resuming from cfg['resume']), writing the run directory; returns final
     metrics."""
     device = D.select_device(cfg["device"])
+    D.refuse_no_dist(cfg["no_dist"])
     D.init_distributed(device)
+    note = ignored(cfg, D.is_distributed(), device.type)
+    if note:
+        print_main(note)
     try:
         return _train(cfg, device)
     finally:
@@ -220,7 +224,9 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     loader, sampler = train_loader(cfg, train_set)
     val_loader = test_loader(cfg, test_set)
     if len(loader) == 0:
-        raise DNRTError(f"the training set of {cfg['dataset']} is empty")
+        raise DNRTError(f"no training batch: {cfg['dataset']} has {len(sampler)} training images per process, "
+                        f"fewer than batch_size={cfg['batch_size']} with drop_last=True" if len(sampler)
+                        else f"the training set of {cfg['dataset']} is empty")
     print_main(f"data: {cfg['dataset']} from {cfg['data_root']}: {len(train_set)} training, "
                f"{len(test_set)} test images")
 
@@ -231,20 +237,16 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
     if D.is_distributed():
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=cfg["find_unused_params"])
 
-    try:
-        optimizer = create_optimizer_v2(model_without_ddp, opt=cfg["optimizer"], lr=cfg["lr"],
-                                        weight_decay=cfg["weight_decay"], momentum=cfg["momentum"])
-        scheduler, _ = create_scheduler_v2(optimizer, sched=cfg["scheduler"], num_epochs=cfg["epochs"],
-                                           warmup_epochs=cfg["warmup_epochs"], warmup_lr=cfg["warmup_lr"],
-                                           min_lr=cfg["min_lr"], step_on_epochs=False, updates_per_epoch=len(loader))
-    except (ValueError, AssertionError) as e:
-        raise DNRTError(f"optimizer/scheduler: {e}") from None
+    optimizer = build_optimizer(cfg, model_without_ddp)
+    scheduler = build_scheduler(cfg, optimizer, len(loader))
     autocast, scaler = mixed_precision(cfg, device)
     criterion = nn.CrossEntropyLoss()
 
-    start_epoch, best_acc1 = 0, 0.0
+    start_epoch, best_acc1 = cfg["start_epoch"], 0.0
+    scheduler.step_update(start_epoch * len(loader))  # a fresh run from start_epoch > 0 starts the schedule there
     if cfg["resume"]:
         state = load_checkpoint(cfg["resume"], map_location=device)
         load_weights(state, model_without_ddp, arr, cfg["resume"])
@@ -253,6 +255,9 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
         scaler.load_state_dict(state["scaler"])
         start_epoch, best_acc1 = state["epoch"] + 1, state["best_acc1"]
         print_main(f"resumed from {cfg['resume']} at epoch {start_epoch}")
+        if cfg["drop_lr_now"]:
+            drop_lr_now(scheduler, optimizer)
+            print_main("drop_lr_now: learning rates from here on are 0.1 times the schedule's")
 
     out = Path(cfg["output_dir"])
     main = D.is_main_process()
