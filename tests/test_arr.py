@@ -182,6 +182,25 @@ def test_too_many_waiting_forwards_is_an_error_at_the_forward():
         model(x)
 
 
+def test_a_forward_stopped_part_way_is_refused_until_cleared():
+    (model, arr), (twin, twin_arr) = twin_arrs()
+    (x1, y1), (x2, y2) = batches(2)
+
+    def fail(module, args):
+        raise RuntimeError("out of memory")
+    handle = model.blocks[1].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(x1)
+    handle.remove()
+    model(x2)
+    with pytest.raises(dnrt.DNRTError, match=r"different numbers of waiting responses \(blocks.0 2, blocks.1 1"):
+        arr.loss(y2)
+    arr.clear()
+    model(x2)
+    twin(x2)
+    torch.testing.assert_close(arr.loss(y2), twin_arr.loss(y2), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_a_forward_without_grad_leaves_the_training_forward_alone(mode):
     (model, arr), (twin, twin_arr) = twin_arrs()

@@ -105,6 +105,13 @@ def test_a_memory_in_another_dtype_is_refused():
         dnrt.ResponseMemory(3, 4).bfloat16()(torch.randn(2, 4), torch.tensor([0, 1]))
 
 
+def test_the_cpu_kernel_runs_by_default():
+    dnrt.ResponseMemory(2, 3)(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+    if not memory_op.cpu_available():
+        pytest.skip("no C++ compiler here")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dnrt::memory_update", "CPU")
+
+
 @pytest.mark.parametrize("order", ["reference", "paper"])
 def test_opcheck(order):
     mean, count = torch.randn(4, 19), torch.tensor([0, 3, 0, 1])

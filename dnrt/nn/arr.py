@@ -32,7 +32,9 @@ class ARR(nn.Module):
     enabled. Each training forward's responses wait in order until a ``loss`` in that state takes them,
     so several training forwards before their losses (gradient accumulation by hand, two views) pair up
     first with first; more than ``max_pending`` waiting forwards is an error, since a forgotten ``loss``
-    would otherwise hold every forward's graph. Only those losses update the memory. Any other forward
+    would otherwise hold every forward's graph (``arr.max_pending = 1`` makes a second forward before its
+    loss an error). A forward abandoned after an exception stays waiting: ``arr.clear()`` drops it (one
+    that stopped part-way is refused at the next loss). Only those losses update the memory. Any other forward
     (under ``torch.no_grad()``, ``torch.inference_mode()`` or in eval mode) leaves them alone: its responses
     serve the next ``loss`` outside that state, which reads the memory without writing it. A recomputation
     during backward (activation checkpointing) is not a forward. The queues are plain lists whose keys are
@@ -95,7 +97,7 @@ class ARR(nn.Module):
             if len(pending) >= self.max_pending:
                 raise DNRTError(
                     f"ARR: {len(pending)} training forwards are waiting for arr.loss(); call arr.loss(targets) "
-                    "after each training forward (or run forwards that need no ARR loss under torch.no_grad())"
+                    "after each training forward, or run forwards that need no ARR loss under torch.no_grad()"
                 )
             pending.append(r)
         return record
@@ -108,11 +110,12 @@ class ARR(nn.Module):
         """The responses the next loss uses: the oldest waiting training forward, or the last other forward."""
         if training:
             pending = [self._pending[name] for name in self.layers]
-            if all(pending):
+            if len({len(queue) for queue in pending}) > 1:  # a forward stopped part-way (an exception)
+                counts = ", ".join(f"{name} {len(queue)}" for name, queue in zip(self.layers, pending))
+                raise DNRTError(f"ARR: the tapped layers hold different numbers of waiting responses ({counts}); "
+                                "a forward stopped part-way: call arr.clear() before going on")
+            if pending[0]:
                 return [queue.pop(0) for queue in pending]
-            if any(pending):
-                raise DNRTError(f"ARR: layer {self.layers[[bool(q) for q in pending].index(False)]!r} gave "
-                                "no response in the last training forward")
             hint = (" (the last forward ran under torch.no_grad(), torch.inference_mode() or in eval mode)"
                     if self._untrained else "")
             raise DNRTError(
@@ -125,6 +128,12 @@ class ARR(nn.Module):
                 "first compiled call: hooks added later are not seen)"
             )
         return [self._untrained.pop(name) for name in self.layers]
+
+    def clear(self) -> None:
+        """Drop every waiting response, e.g. of a forward whose step was abandoned after an exception."""
+        for queue in self._pending.values():
+            queue.clear()
+        self._untrained.clear()
 
     def make_memory(self, width: int) -> ResponseMemory:
         """Create the memory of all tapped layers side by side (from the layers' widths, or when loading state)."""

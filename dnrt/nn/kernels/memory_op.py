@@ -57,7 +57,8 @@ def _default(mean, count, x, targets, momentum, reference):
     """Every device without a kernel of its own. On the CPU, the first call builds the C++ kernel, which
     then takes the CPU key for this and every later call."""
     if mean.device.type == "cpu" and mean.dtype in (torch.float32, torch.float64) and cpu_available():
-        return torch.ops.dnrt.memory_update(mean, count, x, targets, momentum, reference)
+        if torch._C._dispatch_has_kernel_for_dispatch_key("dnrt::memory_update", "CPU"):  # loaded: it runs from now
+            return torch.ops.dnrt.memory_update(mean, count, x, targets, momentum, reference)
     return sequential_update(mean, count, x, targets, momentum, reference)
 
 
