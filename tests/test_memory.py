@@ -80,6 +80,20 @@ def test_one_class_of_4096_samples(momentum, order):
     assert memory.count.tolist() == [0, 0, 2 * 4096]
 
 
+def test_threads_split_the_columns_and_stay_exact():
+    g = torch.Generator().manual_seed(6)
+    memory, exact = dnrt.ResponseMemory(4, 1100, 0.2), Sequential(4, 1100, 0.2, "reference", torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(2):
+            x, y = torch.randn(64, 1100, generator=g), torch.randint(0, 4, (64,), generator=g)
+            assert torch.equal(memory(x, y), exact(x, y))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(memory.mean, exact.mean)
+
+
 def test_an_infinite_first_sample_gives_what_the_definition_gives():
     """The first sample sets the mean (no lerp from zero, which turns inf into NaN)."""
     x = torch.tensor([[float("inf"), 1.0], [2.0, float("-inf")], [3.0, 4.0], [5.0, 6.0]])

@@ -21,7 +21,7 @@
 namespace {
 
 constexpr int64_t kBlock = 16;
-constexpr int64_t kGrainElements = 32768;
+constexpr int64_t kGrainElements = 65536;  // below this much work per thread, threads cost more than they save
 
 template <typename T>
 void copy_row(T* dst, const T* src, int64_t n) {
