@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import dnrt
-from test_memory import Sequential, assert_rel_close
+from test_memory import Sequential
 from test_raa import formula
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -147,6 +147,7 @@ with warnings.catch_warnings(record=True) as caught:
         for batch in [9, 40]:
             x, y = torch.randn(batch, 5, generator=g), torch.randint(0, 6, (batch,), generator=g)
             assert torch.equal(memory(x, y), exact(x, y)) and torch.equal(memory.mean, exact.mean)
+        torch.library.opcheck(torch.ops.dnrt.memory_update.default, (memory.mean, memory.count, x, y, 0.3, True))
 print("fallback agrees;", [str(w.message) for w in caught if "memory kernel" in str(w.message)][0])
 """
 
