@@ -6,6 +6,7 @@ import torchvision
 from torch.nn import functional as F
 
 import dnrt
+from test_memory import Sequential
 
 
 def tiny_vit():
@@ -131,10 +132,155 @@ def test_errors():
     with pytest.raises(dnrt.DNRTError, match="no module named 'blocks.9'"):
         dnrt.ARR(model, 5, layers=["blocks.9"])
     arr = dnrt.ARR(model, 5)
-    with pytest.raises(dnrt.DNRTError, match="needs a forward pass"):
+    with pytest.raises(dnrt.DNRTError, match="needs a training forward pass first"):
         arr.loss(torch.tensor([0]))
     model(torch.randn(2, 3, 32, 32))
     with pytest.raises(dnrt.DNRTError, match=r"targets must lie in \[0, 4\]"):
         arr.loss(torch.tensor([0, 7]))
     with pytest.raises(dnrt.DNRTError, match="could not find blocks or stages"):
         dnrt.ARR(torch.nn.Sequential(torch.nn.Linear(3, 3)), 2)
+
+
+def twin_arrs(**options):
+    """Two identical tiny ViTs, each with its own ARR."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(tiny_vit())
+    return [(m, dnrt.ARR(m, num_classes=5, **options)) for m in models]
+
+
+def batches(n, size=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 32, 32, generator=g), torch.randint(0, 5, (size,), generator=g)) for _ in range(n)]
+
+
+def test_two_training_forwards_then_two_losses_pair_up_in_order():
+    (model, arr), (twin, twin_arr) = twin_arrs(momentum=0.3)
+    (x1, y1), (x2, y2) = batches(2)
+    model(x1), model(x2)
+    got = [arr.loss(y1), arr.loss(y2)]
+    want = []
+    for x, y in [(x1, y1), (x2, y2)]:
+        twin(x)
+        want.append(twin_arr.loss(y))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert torch.equal(arr.memory.mean, twin_arr.memory.mean) and torch.equal(arr.memory.count, twin_arr.memory.count)
+    got[1].backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(dnrt.DNRTError, match="needs a training forward pass first"):
+        arr.loss(y1)
+
+
+def test_too_many_waiting_forwards_is_an_error_at_the_forward():
+    (model, arr), _ = twin_arrs()
+    x, _ = batches(1)[0]
+    for _ in range(arr.max_pending):
+        model(x)
+    with pytest.raises(dnrt.DNRTError, match="8 training forwards are waiting for arr.loss"):
+        model(x)
+
+
+def test_a_forward_stopped_part_way_is_refused_until_cleared():
+    (model, arr), (twin, twin_arr) = twin_arrs()
+    (x1, y1), (x2, y2) = batches(2)
+
+    def fail(module, args):
+        raise RuntimeError("out of memory")
+    handle = model.blocks[1].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        model(x1)
+    handle.remove()
+    model(x2)
+    with pytest.raises(dnrt.DNRTError, match=r"different numbers of waiting responses \(blocks.0 2, blocks.1 1"):
+        arr.loss(y2)
+    arr.clear()
+    model(x2)
+    twin(x2)
+    torch.testing.assert_close(arr.loss(y2), twin_arr.loss(y2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_forward_without_grad_leaves_the_training_forward_alone(mode):
+    (model, arr), (twin, twin_arr) = twin_arrs()
+    (x1, y1), (x2, y2) = batches(2)
+    model(x1)
+    with mode():
+        model(x2)
+        untrained = arr.loss(y2)
+    loss = arr.loss(y1)
+    twin(x1)
+    torch.testing.assert_close(loss, twin_arr.loss(y1), rtol=0, atol=0)
+    assert loss.requires_grad and not untrained.requires_grad
+    assert torch.equal(arr.memory.mean, twin_arr.memory.mean) and torch.equal(arr.memory.count, twin_arr.memory.count)
+    model(x2)  # a no-grad forward alone: the training loss refuses it, saying why
+    with torch.no_grad():
+        model(x2)
+    arr.loss(y2)
+    with torch.no_grad():
+        model(x2)
+    with pytest.raises(dnrt.DNRTError, match=r"the last forward ran under torch.no_grad\(\)"):
+        arr.loss(y2)
+
+
+class Checkpointed(torch.nn.Module):
+    """Two blocks under activation checkpointing: backward runs each block's GELU again (the next Linear saves
+    its output), and ARR taps the GELUs."""
+
+    def __init__(self, checkpoint):
+        super().__init__()
+        torch.manual_seed(0)
+        layers = [torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.GELU(), torch.nn.Linear(6, 6)) for _ in "ab"]
+        self.blocks = torch.nn.Sequential(*layers)
+        self.checkpoint = checkpoint
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpoint else block(x)
+        return x
+
+
+def test_activation_checkpointing_recomputation_is_not_a_forward():
+    taps = ["blocks.0.1", "blocks.1.1"]
+    (model, arr), (twin, twin_arr) = [(m, dnrt.ARR(m, 3, taps)) for m in (Checkpointed(True), Checkpointed(False))]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x, y = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+        model(x)
+        loss = arr.loss(y)
+        loss.backward()
+        twin(x)
+        torch.testing.assert_close(loss, twin_arr.loss(y), rtol=0, atol=0)
+    assert torch.equal(arr.memory.mean, twin_arr.memory.mean)
+
+
+def test_fullgraph_compile_of_model_and_loss_compiles_once_and_matches_eager():
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def make():
+        torch.manual_seed(0)
+        m = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2, num_classes=5,
+                              embed_dim=32, num_heads=2)
+        return dnrt.convert(m, torch.randn(1, 3, 16, 16))
+
+    def step(model, arr, x, y):
+        return F.cross_entropy(model(x), y) + arr.loss(y)
+
+    compilations = []
+
+    def backend(gm, inputs):
+        compilations.append(gm)
+        return aot_eager(gm, inputs)  # AOTAutograd functionalises the memory's in-place update
+
+    (eager, eager_arr), (model, arr) = [(m, dnrt.ARR(m, 5, weight=2.0)) for m in (make(), make())]
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    exact = Sequential(5, 64, 0.1, "reference", torch.float32)
+    for x, y in batches(3, seed=2):
+        x = x[:, :, :16, :16]
+        torch.testing.assert_close(compiled(model, arr, x, y), step(eager, eager_arr, x, y), rtol=1e-5, atol=1e-6)
+        exact(torch.cat([arr.responses[name] for name in arr.layers], dim=1).detach(), y)
+        assert torch.equal(arr.memory.mean, exact.mean)
+        torch.testing.assert_close(arr.memory.mean, eager_arr.memory.mean, rtol=1e-5, atol=1e-6)
+    assert len(compilations) == 1
+    assert torch.equal(arr.memory.count, eager_arr.memory.count)

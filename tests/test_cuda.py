@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import dnrt
-from test_memory import Sequential, assert_rel_close
+from test_memory import Sequential
 from test_raa import formula
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -49,10 +49,12 @@ def test_autocast(dtype):
     assert torch.isfinite(layer.weight.grad).all()
 
 
-def test_memory_update_matches_sequential_without_host_sync():
+@pytest.mark.parametrize("order", ["reference", "paper"])
+def test_memory_update_equals_sequential_without_host_sync(order):
+    """The Triton kernel, two column blocks wide, bit for bit the float32 loop (multiply-adds are not fused)."""
     g = torch.Generator().manual_seed(3)
-    memory, ref = dnrt.ResponseMemory(10, 16).cuda(), Sequential(10, 16, 0.1, "reference")
-    batches = [(torch.randn(256, 16, generator=g), torch.randint(0, 10, (256,), generator=g)) for _ in range(4)]
+    memory, exact = dnrt.ResponseMemory(10, 300, order=order).cuda(), Sequential(10, 300, 0.1, order, torch.float32)
+    batches = [(torch.randn(256, 300, generator=g), torch.randint(0, 10, (256,), generator=g)) for _ in range(4)]
     cuda_batches = [(x.cuda(), y.cuda()) for x, y in batches]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -61,8 +63,38 @@ def test_memory_update_matches_sequential_without_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for (x, y), out in zip(batches, outs):
-        assert_rel_close(out.cpu(), ref(x, y))
-    assert_rel_close(memory.mean.cpu(), ref.mean)
+        assert torch.equal(out.cpu(), exact(x, y))
+    assert torch.equal(memory.mean.cpu(), exact.mean)
+    assert memory.count.cpu().tolist() == torch.bincount(torch.cat([y for _, y in batches]), minlength=10).tolist()
+
+
+def test_memory_update_is_captured_by_a_cuda_graph():
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(64, 40, generator=g), torch.randint(0, 5, (64,), generator=g)
+    memory, exact = dnrt.ResponseMemory(5, 40).cuda(), Sequential(5, 40, 0.1, "reference", torch.float32)
+    static_x, static_y = x.cuda(), y.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        memory(static_x, static_y)  # warm-up: builds the kernel and updates the memory once
+    torch.cuda.current_stream().wait_stream(side)
+    exact(x, y)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = memory(static_x, static_y)
+    for _ in range(2):
+        graph.replay()
+        want = exact(x, y)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), want) and torch.equal(memory.mean.cpu(), exact.mean)
+    assert int(memory.count.sum()) == 3 * 64
+
+
+def test_memory_opcheck_on_cuda():
+    mean, count = torch.randn(4, 19, device="cuda"), torch.tensor([0, 3, 0, 1], device="cuda")
+    x, y = torch.randn(10, 19, device="cuda"), torch.tensor([0, 1, 0, 2, 1, 0, 3, 3, 2, 0], device="cuda")
+    for reference in (True, False):
+        torch.library.opcheck(torch.ops.dnrt.memory_update.default, (mean, count, x, y, 0.1, reference))
 
 
 def test_training_step_with_amp_and_compile():

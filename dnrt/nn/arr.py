@@ -1,4 +1,4 @@
-"""Aggregated Response Regularization (SPEC §2) on any model, through forward hooks.
+"""Aggregated Response Regularization (docs/method.md §3) on any model, through forward hooks.
 
 ``ARR`` taps chosen modules, reduces each output to one response vector per sample (class token,
 token mean or global average pool), and after the model's normal forward returns
@@ -26,10 +26,24 @@ class ARR(nn.Module):
     (token 0), ``"mean"`` (over tokens), ``"pool"`` (global average pool of a channels-first map).
     ``sync``: under ``torch.distributed``, gather every process's responses before updating the memory.
     The per-class means of all tapped layers live side by side in one ``ResponseMemory`` (widths
-    concatenated in ``layers`` order): one vectorised update and, under DDP, one gather per step. It
-    updates when both ARR and the model are in training mode; ``arr.responses`` keeps the last reduced
-    response of each layer. The model is not a submodule: ``state_dict`` holds only the memory.
+    concatenated in ``layers`` order): one update and, under DDP, one gather per step.
+
+    A forward is a training forward when ARR and the model are in training mode and gradients are
+    enabled. Each training forward's responses wait in order until a ``loss`` in that state takes them,
+    so several training forwards before their losses (gradient accumulation by hand, two views) pair up
+    first with first; more than ``max_pending`` waiting forwards is an error, since a forgotten ``loss``
+    would otherwise hold every forward's graph (``arr.max_pending = 1`` makes a second forward before its
+    loss an error). A forward abandoned after an exception stays waiting: ``arr.clear()`` drops it (one
+    that stopped part-way is refused at the next loss). Only those losses update the memory. Any other forward
+    (under ``torch.no_grad()``, ``torch.inference_mode()`` or in eval mode) leaves them alone: its responses
+    serve the next ``loss`` outside that state, which reads the memory without writing it. A recomputation
+    during backward (activation checkpointing) is not a forward. The queues are plain lists whose keys are
+    fixed at construction, so ``torch.compile`` traces a forward and its ``loss`` in one graph, once.
+    ``arr.responses`` keeps the last reduced response of each layer, whatever the forward. The model
+    is not a submodule: ``state_dict`` holds only the memory.
     """
+
+    max_pending = 8
 
     def __init__(
         self,
@@ -60,18 +74,69 @@ class ARR(nn.Module):
         ResponseMemory(num_classes, 1, **self._memory_options)  # fail early on a bad momentum or order
         self.register_module("memory", None)
         self._register_load_state_dict_pre_hook(_make_memory_for_state, with_module=True)
-        self.responses: Dict[str, torch.Tensor] = {}
+        widths = [_width_hint(model, name) for name in self.layers]
+        if None not in widths:  # made now, so that a compiled first step finds it; checked on every loss
+            device = next((p.device for p in model.parameters()), None)
+            self.make_memory(sum(widths)).to(device)
+        self.responses: Dict[str, Optional[torch.Tensor]] = dict.fromkeys(self.layers)
+        self._pending: Dict[str, List[torch.Tensor]] = {name: [] for name in self.layers}
+        self._untrained: Dict[str, torch.Tensor] = {}
         self._handles = [
             modules[name].register_forward_hook(self._hook(name, _width_hint(model, name))) for name in self.layers
         ]
 
     def _hook(self, name: str, width_hint: Optional[int]):
         def record(module: nn.Module, args, output) -> None:
-            self.responses[name] = self._reduce(output, width_hint, name)
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+                return  # run by autograd during backward: a recomputation of a forward already recorded
+            r = self.responses[name] = self._reduce(output, width_hint, name)
+            if not self._training():
+                self._untrained[name] = r
+                return
+            pending = self._pending[name]
+            if len(pending) >= self.max_pending:
+                raise DNRTError(
+                    f"ARR: {len(pending)} training forwards are waiting for arr.loss(); call arr.loss(targets) "
+                    "after each training forward, or run forwards that need no ARR loss under torch.no_grad()"
+                )
+            pending.append(r)
         return record
 
+    def _training(self) -> bool:
+        """Whether a forward or loss now is a training one (ARR and model in training mode, gradients on)."""
+        return self.training and self._model[0].training and torch.is_grad_enabled()
+
+    def _take(self, training: bool) -> List[torch.Tensor]:
+        """The responses the next loss uses: the oldest waiting training forward, or the last other forward."""
+        if training:
+            pending = [self._pending[name] for name in self.layers]
+            if len({len(queue) for queue in pending}) > 1:  # a forward stopped part-way (an exception)
+                counts = ", ".join(f"{name} {len(queue)}" for name, queue in zip(self.layers, pending))
+                raise DNRTError(f"ARR: the tapped layers hold different numbers of waiting responses ({counts}); "
+                                "a forward stopped part-way: call arr.clear() before going on")
+            if pending[0]:
+                return [queue.pop(0) for queue in pending]
+            hint = (" (the last forward ran under torch.no_grad(), torch.inference_mode() or in eval mode)"
+                    if self._untrained else "")
+            raise DNRTError(
+                f"ARR.loss() in training needs a training forward pass first{hint}; with torch.compile, "
+                "create ARR before the first compiled call: hooks added later are not seen"
+            )
+        if len(self._untrained) != len(self.layers):
+            raise DNRTError(
+                "ARR.loss() needs a forward pass of the model first (with torch.compile, create ARR before the "
+                "first compiled call: hooks added later are not seen)"
+            )
+        return [self._untrained.pop(name) for name in self.layers]
+
+    def clear(self) -> None:
+        """Drop every waiting response, e.g. of a forward whose step was abandoned after an exception."""
+        for queue in self._pending.values():
+            queue.clear()
+        self._untrained.clear()
+
     def make_memory(self, width: int) -> ResponseMemory:
-        """Create the memory of all tapped layers side by side (on the first loss, or when loading state)."""
+        """Create the memory of all tapped layers side by side (from the layers' widths, or when loading state)."""
         self.memory = ResponseMemory(self.num_classes, width, **self._memory_options)
         return self.memory
 
@@ -93,24 +158,34 @@ class ARR(nn.Module):
         return output.flatten(2).mean(dim=2)
 
     def loss(self, targets: torch.Tensor) -> torch.Tensor:
-        """``weight · (1/J) Σ_j mean|r_j − μ_j|`` for the responses of the last forward pass."""
-        if len(self.responses) != len(self.layers):
-            raise DNRTError(
-                "ARR.loss() needs a forward pass of the model first (with torch.compile, create ARR before the "
-                "first compiled call: hooks added later are not seen)"
-            )
-        responses = [self.responses[name] for name in self.layers]
+        """``weight · (1/J) Σ_j mean|r_j − μ_j|`` for the responses of one forward pass (see the class doc)."""
+        training = self._training()
+        responses = self._take(training)
         if targets.dim() != 1 or targets.shape[0] != responses[0].shape[0]:
             raise DNRTError(f"ARR.loss() expects targets of shape [batch], got {tuple(targets.shape)}")
         r = torch.cat([t.float() for t in responses], dim=1)
-        if self.memory is None:
-            self.make_memory(r.shape[1]).to(r.device)
-        self.memory.train(self.training and self._model[0].training)
-        distance = (r - self.memory(r, targets)).abs()
+        self._fit_memory(r)
+        distance = (r - self.memory.means(r, targets, update=training)).abs()
         if not distance.numel():
             return self.weight * distance.sum()  # an empty batch: zero, where a mean over nothing is NaN
         per_layer = [part.mean() for part in distance.split([t.shape[1] for t in responses], dim=1)]
         return self.weight * torch.stack(per_layer).mean()
+
+    def _fit_memory(self, r: torch.Tensor) -> None:
+        """Make the memory on the first loss where the widths were unknown, or fix a guess no loss has used yet;
+        move it to the responses' device. Outside ``torch.compile``, which cannot create or move modules."""
+        memory = self.memory
+        if memory is not None and memory.num_features == r.shape[1] and memory.mean.device == r.device:
+            return
+        if torch.compiler.is_compiling():
+            raise DNRTError(f"ARR: the memory must exist on {r.device} with {r.shape[1]} features before "
+                            "torch.compile; run one step without it first, or move ARR with arr.to(device)")
+        if memory is None or (memory.num_features != r.shape[1] and not memory.count.any()):
+            memory = self.make_memory(r.shape[1])
+        if memory.num_features != r.shape[1]:
+            raise DNRTError(f"ARR: the tapped layers give {r.shape[1]} response features, but the memory holds "
+                            f"{memory.num_features} (a state of another model or other layers?)")
+        memory.to(r.device)
 
     def remove(self) -> None:
         """Remove the forward hooks from the model."""
@@ -123,10 +198,12 @@ class ARR(nn.Module):
 
 
 def _make_memory_for_state(arr: "ARR", state_dict, prefix: str, *args) -> None:
-    """Before loading a state that holds a memory, create one of its width if this ARR has none yet."""
+    """Before loading a state that holds a memory, give this ARR a memory of its shape (where it has none or
+    another); a memory of another width than the model's responses is refused at the next loss."""
     mean = state_dict.get(prefix + "memory.mean")
-    if mean is not None and arr.memory is None:
-        arr.make_memory(mean.shape[1]).to(mean.device)
+    if mean is not None and mean.dim() == 2 and (arr.memory is None or arr.memory.mean.shape != mean.shape):
+        device = mean.device if arr.memory is None else arr.memory.mean.device
+        arr.make_memory(mean.shape[1]).to(device)
 
 
 def _auto_reduction(model: nn.Module, output: torch.Tensor) -> str:
