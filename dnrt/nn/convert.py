@@ -39,11 +39,12 @@ class WidthDispatch(nn.Module):
         self.by_width = nn.ModuleDict({str(w): m for w, m in by_width.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = str(x.shape[self.channel_dim])
-        if key not in self.by_width:
-            raise DNRTError(f"no converted activation for width {key}; "
-                            f"widths seen at conversion: {list(self.by_width)}")
-        return self.by_width[key](x)
+        key = str(int(x.shape[self.channel_dim]))  # int: a tracer records sizes as tensors
+        for width, module in self.by_width.items():  # a loop, not by_width[key]: TorchScript unrolls it
+            if width == key:
+                return module(x)
+        raise DNRTError(f"no converted activation for width {key}; "
+                        f"widths seen at conversion: {list(self.by_width.keys())}")
 
 
 def convert(

@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "model_lib": None,  # None: the tool's registry; 'timm' / 'torchvision': any model of that library
     "model_kwargs": {},
     "act": None,  # None: keep the model's own activations; else a name of dnrt.ACTIVATIONS
+    "pretrained": False,  # True: the model library's published weights, loaded before act is swapped in
+    "pretrained_file": None,  # a weights file to start from (state_dict, timm/torchvision or dnrt checkpoint)
     "sync_bn": False,
     # loss
     "criterion": "ce",  # 'ce' or 'arr' (cross-entropy + ARR)
