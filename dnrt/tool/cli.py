@@ -17,6 +17,7 @@ OTHER_COMMANDS = {
     "compare": ("compare", "compare runs side by side"),
     "profile": ("profile", "measure parameters, FLOPs and speed of a model with and without DNRT"),
     "reproduce": ("reproduce", "run or summarise the paper's tables as a grid of runs"),
+    "configs": ("configs", "list the built-in configs (dnrt train -c NAME runs one from any folder)"),
     "export": ("export", "write a trained model as ONNX, torch.export (.pt2) or TorchScript for inference"),
 }
 OVERRIDES_HELP = "any config key as --key value (e.g. --epochs 2 --model_kwargs '{\"depth\": 2}') overrides the config"

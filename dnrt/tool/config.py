@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dnrt.errors import DNRTError
+from dnrt.tool.configs import find_config
 
 DEFAULTS: dict[str, Any] = {
     # data
@@ -150,9 +151,7 @@ def resolve(values: dict[str, Any], name: str = "run") -> dict[str, Any]:
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Load a python config file, apply command-line overrides, check every key and return the full config."""
-    file = Path(path)
-    if not file.is_file():
-        raise DNRTError(f"config file not found: {path}")
+    file = find_config(path)  # a file, or a built-in config by name
     values = _public_values(_run_file(file.resolve()))
     check_keys(list(values), str(path))
     extra = parse_overrides(overrides)
