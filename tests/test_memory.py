@@ -1,4 +1,4 @@
-"""ResponseMemory against the sequential definition of SPEC §2 (a Python loop over samples, float64)."""
+"""ResponseMemory against the sequential definition of docs/method.md §3–§4 (a Python loop over samples, float64)."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import dnrt
 
 
 class Sequential:
-    """SPEC §2 literally: one sample at a time, in batch order."""
+    """docs/method.md §3 literally: one sample at a time, in batch order."""
 
     def __init__(self, k, d, momentum, order):
         self.mean, self.seen, self.m, self.order = torch.zeros(k, d, dtype=torch.float64), [False] * k, momentum, order

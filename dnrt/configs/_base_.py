@@ -1,4 +1,4 @@
-# The authors' defaults (SPEC §3): ViT-Tiny, patch 4, on CIFAR-100 with the paper's training recipe.
+# The authors' defaults (docs/method.md §5): ViT-Tiny, patch 4, on CIFAR-100 with the paper's training recipe.
 # A config sets module-level variables and may start with `from _base_ import *`.
 dataset = "cifar100"
 data_root = "./data"
