@@ -41,17 +41,18 @@ def _summary(path: Path) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `dnrt configs`."""
-    parser.add_argument("name", nargs="?", help="print this built-in config (to copy it and edit the copy)")
+    parser.add_argument("name", nargs="?", help="print this built-in config, or _base_ (to copy it and edit the copy)")
 
 
 def run(args: argparse.Namespace) -> int:
     """List the built-in configs, or print one."""
     configs = builtin_configs()
     if args.name:
+        files = {p.stem: p for p in BUILTIN.glob("*.py")}  # _base_ too, which a copied config may import
         stem = args.name[:-3] if args.name.endswith(".py") else args.name
-        if stem not in configs:
-            raise DNRTError(f"no built-in config '{args.name}'; built-in: {', '.join(configs)}")
-        print(configs[stem].read_text(), end="")
+        if stem not in files:
+            raise DNRTError(f"no built-in config '{args.name}'; built-in: {', '.join(sorted(files))}")
+        print(files[stem].read_text(), end="")
         return 0
     width = max(map(len, configs))
     for name, path in configs.items():
