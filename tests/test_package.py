@@ -80,3 +80,35 @@ def test_installed_wheel_finds_its_configs_from_any_folder(wheel, tmp_path):
     module, builtin, act, criterion = python(code, elsewhere, site).split()
     assert Path(module).is_relative_to(site) and Path(builtin) == site / "dnrt" / "configs"
     assert (act, criterion) == ("raa", "arr")
+
+
+def test_configs_by_name_and_by_path(tmp_path, monkeypatch, capsys):
+    from dnrt.errors import DNRTError
+    from dnrt.tool.cli import main
+    from dnrt.tool.config import load_config
+    from dnrt.tool.configs import BUILTIN
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config("quickstart") == load_config("quickstart.py") == load_config(str(REPO / "configs/quickstart.py"))
+    assert load_config("dnrt")["arr_loss_coef"] == 20.0  # its `from _base_ import *` finds the built-in _base_
+    (tmp_path / "quickstart.py").write_text("epochs = 3\n")  # a file of that name wins over the built-in
+    assert load_config("quickstart.py")["epochs"] == 3
+    with pytest.raises(DNRTError, match=r"config file not found: configs/quickstart\.py \(built-in configs, by "
+                                        r"name from any folder: dnrt, gelu, quickstart, quickstart_gelu, relu"):
+        load_config("configs/quickstart.py")
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listing[:-1]] == ["dnrt", "gelu", "quickstart", "quickstart_gelu", "relu"]
+    assert main(["configs", "_base_"]) == 0
+    assert capsys.readouterr().out == (BUILTIN / "_base_.py").read_text()
+    assert main(["configs", "nothing"]) == 1
+    assert "error: no built-in config 'nothing'" in capsys.readouterr().err
+
+
+def test_clone_configs_are_the_builtin_files():
+    """configs/*.py in a clone are links to the package's files, so both spellings run the same config."""
+    from dnrt.tool.configs import BUILTIN
+
+    linked = sorted(p for p in (REPO / "configs").glob("*.py"))
+    assert [p.name for p in linked] == sorted(p.name for p in BUILTIN.glob("*.py"))
+    assert all(p.resolve() == (BUILTIN / p.name).resolve() for p in linked)
