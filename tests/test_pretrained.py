@@ -67,6 +67,9 @@ def test_head_of_another_class_count_is_reinitialised(tmp_path, capsys):
         elif key in source.state_dict():
             assert torch.equal(value, source.state_dict()[key]), f"{key} was not loaded"
     assert "classifier head.bias, head.weight re-initialised (10 classes in the file)" in capsys.readouterr().out
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("head.")}, tmp_path / "body.pth")
+    vit(num_classes=5, pretrained_file=str(tmp_path / "body.pth"))  # a file without a classifier
+    assert "classifier head.bias, head.weight re-initialised (not in the file)" in capsys.readouterr().out
 
 
 def test_dnrt_checkpoint_keeps_trained_raa(tmp_path, capsys):

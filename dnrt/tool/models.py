@@ -355,8 +355,9 @@ def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: st
     loaded = {k: v for k, v in state.items() if k in own and k not in dropped}
     model.load_state_dict(loaded, strict=False)
     left = {k: v for k, v in state.items() if k not in own}
-    head = f"; classifier {', '.join(dropped)} re-initialised ({state[dropped[0]].shape[0]} classes in the file)" \
-        if dropped else ""
+    fresh = dropped or sorted(k for k in heads if k not in state)
+    why = f"{state[dropped[0]].shape[0]} classes in the file" if dropped else "not in the file"
+    head = f"; classifier {', '.join(fresh)} re-initialised ({why})" if fresh else ""
     rest = f"; {len(left)} tensors not in the plain model ({', '.join(sorted(left)[:3])}" \
         f"{', ...' if len(left) > 3 else ''})" if left else ""
     _print_main(f"pretrained: loaded {len(loaded)} of the model's {len(own)} tensors from {source}{head}{rest}")
