@@ -18,6 +18,12 @@ from dnrt.tool.data import build_dataset, build_transform, dataset_info, long_ta
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
 
 
+@pytest.fixture(autouse=True)
+def in_the_clone(monkeypatch):
+    """The grid's configs are read from ./configs/paper: run from the repository root, wherever pytest started."""
+    monkeypatch.chdir(REPO_CONFIGS.parents[1])
+
+
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     R.add_arguments(parser)
