@@ -94,9 +94,9 @@ def test_configs_are_written_under_the_current_folder(tmp_path, monkeypatch, cap
     assert R.run(parse("digits", "--dry-run", "--models", "mlp", "--output-dir", "out")) == 0
     out = capsys.readouterr().out
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py"))
-    assert written == sorted(Path(p) for p in ["configs/paper/mlp_digits/_base_.py"]
-                             + [f"configs/paper/mlp_digits/digits_mlp_{c}.py" for c in ("relu", "gelu", "raa",
-                                                                                          "relu_arr", "gelu_arr", "dnrt")])
+    columns = ("relu", "gelu", "raa", "relu_arr", "gelu_arr", "dnrt")
+    assert written == sorted(Path("configs/paper/mlp_digits") / name
+                             for name in ["_base_.py"] + [f"digits_mlp_{c}.py" for c in columns])
     assert "wrote 7 config files of the grid under configs/paper" in out
     assert all((tmp_path / p).read_text() == (REPO_CONFIGS.parent.parent / p).read_text() for p in written)
     assert " -c configs/paper/mlp_digits/digits_mlp_dnrt.py " in out
