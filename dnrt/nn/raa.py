@@ -163,10 +163,10 @@ def raa_formula(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim
         assert w is not None
         return _elementwise_shift(x, w, b, dim, base)
     s = b.to(x.dtype) if w is None else torch.sum(x * w.reshape([-1] + [1] * (-dim - 1)), dim, keepdim=True) + b
-    z = x + s
+    z = x + s  # in the parameters' precision where x is lower, as the Function does; y is in x's
     if base == "relu":
-        return torch.relu(z)
-    return x * (0.5 + 0.5 * torch.erf(z * math.sqrt(0.5)))  # a literal: TorchScript takes no float globals
+        return torch.relu(z).to(x.dtype)
+    return (x * (0.5 + 0.5 * torch.erf(z * math.sqrt(0.5)))).to(x.dtype)  # math.sqrt: TorchScript reads no globals
 
 
 def _elementwise_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int, base: str) -> torch.Tensor:
