@@ -104,3 +104,6 @@ def test_dnrt_export_command(tmp_path, capsys):
     torch.testing.assert_close(program(x), eager(trained, x))
     assert main(["export", "-r", str(tmp_path / "none.pth"), "--format", "onnx"]) == 1
     assert "error: checkpoint not found" in capsys.readouterr().err
+    assert main(["export", "-r", str(checkpoint), "--format", "torchscript", "--out", str(checkpoint)]) == 1
+    assert "error: the export would overwrite its checkpoint" in capsys.readouterr().err
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 0  # still the checkpoint

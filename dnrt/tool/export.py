@@ -83,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="a checkpoint of `dnrt train`")
     parser.add_argument("--format", required=True, choices=list(SUFFIXES),
                         help="onnx (needs onnx, onnxscript), pt2 (torch.export), torchscript (torch.jit.trace)")
-    parser.add_argument("--out", help="the file to write (default: beside the checkpoint, its name with the "
+    parser.add_argument("--out", metavar="PATH", help="the file to write (default: beside the checkpoint, its name with the "
                                       "format's suffix: .onnx, .pt2, .pt)")
 
 
@@ -96,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         arr.remove()  # its hooks only record responses for the loss
     sizes = load_checkpoint(args.resume)["model_args"]
     out = Path(args.out) if args.out else Path(args.resume).with_suffix(SUFFIXES[args.format])
+    if out.resolve() == Path(args.resume).resolve():
+        raise DNRTError(f"the export would overwrite its checkpoint {args.resume}; choose another --out")
     torch.manual_seed(0)
     example = torch.randn(2, sizes["in_chans"], sizes["img_size"], sizes["img_size"])
     exported = export_model(model, example, args.format, out)
