@@ -137,3 +137,12 @@ def test_dnrt_train_runs_a_graph_config_and_refuses_eval(tmp_path, capsys):
     assert f"done: test {best['test_acc1']:.2f} at the best validation epoch {best['epoch']}" in capsys.readouterr().out
     assert main(["train", "-c", config, "--eval", "-r", str(tmp_path / "checkpoint.pth")]) == 1
     assert "graph runs (digits_knn) train in one go" in capsys.readouterr().err
+
+
+def test_graph_runs_refuse_pretrained_weights(tmp_path, capsys):
+    from dnrt.tool.cli import main
+
+    config = str(Path(__file__).parent.parent / "configs/paper/gnn_small/digits_knn_gcn_dnrt.py")
+    assert main(["train", "-c", config, "--pretrained", "True", "--output_dir", str(tmp_path)]) == 1
+    assert "graph runs (digits_knn) train from scratch: pretrained / pretrained_file do not apply" in \
+        capsys.readouterr().err

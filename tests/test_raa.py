@@ -1,4 +1,4 @@
-"""RAA against the plain formula of SPEC §1: values, gradients, dtypes, memory kept, compile."""
+"""RAA against the plain formula of docs/method.md §1: values, gradients, dtypes, memory kept, compile."""
 import math
 import os
 import shutil
@@ -14,7 +14,7 @@ from dnrt.nn import kernels
 
 
 def formula(x, w, b, dim, base, shift):
-    """SPEC §1 written independently: per-vector shift by einsum, Φ through erf."""
+    """docs/method.md §1 written independently: per-vector shift by einsum, Φ through erf."""
     xm = x.movedim(dim, -1)
     if shift == "vector":
         s = torch.einsum("...c,c->...", xm, w).unsqueeze(-1) + b

@@ -15,6 +15,14 @@ from dnrt.tool import reproduce as R
 from dnrt.tool.config import load_config
 from dnrt.tool.data import build_dataset, build_transform, dataset_info, long_tailed_indices
 
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "paper"
+
+
+@pytest.fixture(autouse=True)
+def in_the_clone(monkeypatch):
+    """The grid's configs are read from ./configs/paper: run from the repository root, wherever pytest started."""
+    monkeypatch.chdir(REPO_CONFIGS.parents[1])
+
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
@@ -54,7 +62,7 @@ def test_filters_and_unknown_names():
 
 
 def test_paper_numbers_spot_checks():
-    """A few numbers of SPEC section 4, typed again here independently of paper_results.json."""
+    """A few numbers of the paper's tables, typed again here independently of paper_results.json."""
     expected = {("table1", "cifar100", "tnt_small", "softplus"): 65.2,
                 ("table1", "imagenet100", "deit_tiny", "gdn"): 66.3,
                 ("table2", "cifar10", "resnet18", "gdn"): 82.3,
@@ -73,10 +81,31 @@ def test_paper_numbers_spot_checks():
 
 def test_config_files_are_the_grid():
     """The committed configs are exactly what the grid generates (edit the grid, regenerate)."""
-    files = R.all_config_files()
-    on_disk = set(R.CONFIG_ROOT.rglob("*.py"))
+    files = R.all_config_files(REPO_CONFIGS)
+    on_disk = set(REPO_CONFIGS.rglob("*.py"))
     assert on_disk == set(files), "configs/paper differs from the grid: run python -m dnrt.tool.reproduce"
     assert all(path.read_text() == text for path, text in files.items())
+
+
+def test_configs_are_written_under_the_current_folder(tmp_path, monkeypatch, capsys):
+    """Outside a clone (an installed package) the configs a table needs are written to ./configs/paper, and a file
+    there that differs from the grid is refused rather than run."""
+    monkeypatch.chdir(tmp_path)
+    assert R.run(parse("digits", "--dry-run", "--models", "mlp", "--output-dir", "out")) == 0
+    out = capsys.readouterr().out
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py"))
+    columns = ("relu", "gelu", "raa", "relu_arr", "gelu_arr", "dnrt")
+    assert written == sorted(Path("configs/paper/mlp_digits") / name
+                             for name in ["_base_.py"] + [f"digits_mlp_{c}.py" for c in columns])
+    assert "wrote 7 config files of the grid under configs/paper" in out
+    assert all((tmp_path / p).read_text() == (REPO_CONFIGS.parent.parent / p).read_text() for p in written)
+    assert " -c configs/paper/mlp_digits/digits_mlp_dnrt.py " in out
+    R.run(parse("digits", "--dry-run", "--models", "mlp", "--output-dir", "out"))  # a repeat writes nothing
+    assert "wrote" not in capsys.readouterr().out
+    edited = tmp_path / "configs/paper/mlp_digits/digits_mlp_dnrt.py"
+    edited.write_text(edited.read_text() + "epochs = 1\n")
+    with pytest.raises(DNRTError, match="digits_mlp_dnrt.py differs from the grid of this dnrt version"):
+        R.run(parse("digits", "--dry-run", "--models", "mlp", "--output-dir", "out"))
 
 
 def test_every_config_loads_with_its_cell_values():

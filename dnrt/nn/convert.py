@@ -6,6 +6,7 @@ about the architecture needs to be known in advance.
 """
 from __future__ import annotations
 
+import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -15,16 +16,16 @@ from ..errors import DNRTError
 from .activations import GDN, make_activation
 from .raa import RAA
 
-try:
-    from timm.layers.activations import GELU as _TimmGELU
-except ImportError:  # timm is a dependency of the tool, not of the core
-    _TimmGELU = nn.GELU
-
-GELU_TYPES: Tuple[Type[nn.Module], ...] = (nn.GELU, _TimmGELU)
 RELU_TYPES: Tuple[Type[nn.Module], ...] = (nn.ReLU,)
-ALL_TYPES: Tuple[Type[nn.Module], ...] = GELU_TYPES + RELU_TYPES + (
+OTHER_TYPES: Tuple[Type[nn.Module], ...] = (
     nn.ReLU6, nn.SiLU, nn.ELU, nn.SELU, nn.Softplus, nn.LeakyReLU, nn.Hardswish, GDN, RAA,
 )
+
+
+def gelu_types() -> Tuple[Type[nn.Module], ...]:
+    """PyTorch's GELU, and timm's where timm is loaded (no model can hold one before): the core never imports timm."""
+    timm_activations = sys.modules.get("timm.layers.activations")
+    return (nn.GELU,) + ((timm_activations.GELU,) if timm_activations is not None else ())
 
 
 class WidthDispatch(nn.Module):
@@ -39,11 +40,12 @@ class WidthDispatch(nn.Module):
         self.by_width = nn.ModuleDict({str(w): m for w, m in by_width.items()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = str(x.shape[self.channel_dim])
-        if key not in self.by_width:
-            raise DNRTError(f"no converted activation for width {key}; "
-                            f"widths seen at conversion: {list(self.by_width)}")
-        return self.by_width[key](x)
+        key = str(int(x.shape[self.channel_dim]))  # int: a tracer records sizes as tensors
+        for width, module in self.by_width.items():  # a loop, not by_width[key]: TorchScript unrolls it
+            if width == key:
+                return module(x)
+        raise DNRTError(f"no converted activation for width {key}; "
+                        f"widths seen at conversion: {list(self.by_width.keys())}")
 
 
 def convert(
@@ -55,7 +57,7 @@ def convert(
     """Replace activation modules in ``model`` (in place; also returned) after one dry forward.
 
     ``replace=None``: GELU modules (PyTorch's and timm's) become ``activation``; ReLU modules too, as
-    ``raa_relu`` when ``activation="raa"``. ``replace="all"``: every activation type in ``ALL_TYPES``.
+    ``raa_relu`` when ``activation="raa"``. ``replace="all"``: these and every type in ``OTHER_TYPES``.
     Or a tuple of module types. An untrained RAA equals the GELU/ReLU it replaces, so logits are unchanged.
     """
     types = _types(replace)
@@ -73,9 +75,9 @@ def convert(
 
 def _types(replace) -> Tuple[Type[nn.Module], ...]:
     if replace is None:
-        return GELU_TYPES + RELU_TYPES
+        return gelu_types() + RELU_TYPES
     if replace == "all":
-        return ALL_TYPES
+        return gelu_types() + RELU_TYPES + OTHER_TYPES
     if isinstance(replace, str):
         raise DNRTError(f"convert: replace must be None, 'all' or module types, got {replace!r}")
     return tuple(replace)

@@ -138,12 +138,35 @@ class RAA(nn.Module):
         if x.dim() == 0 or x.shape[self.channel_dim] != self.num_features:
             raise DNRTError(
                 f"RAA({self.num_features}) expects {self.num_features} features along dim {self.channel_dim}, "
-                f"got input of shape {tuple(x.shape)}"
+                f"got input of shape ({', '.join([str(n) for n in x.shape])})"  # scriptable
             )
         dim = self.channel_dim if self.channel_dim < 0 else self.channel_dim - x.dim()
+        if torch.jit.is_scripting():
+            return raa_formula(x, self.weight, self.bias, dim, self.base, self.shift)
+        return self._eager(x, dim)
+
+    @torch.jit.unused
+    def _eager(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """The memory-efficient Function, or the plain formula where a tracer or exporter records the graph
+        (a graph cannot hold a Python autograd Function), as timm's memory-efficient activations do."""
         if self.shift == "elementwise":
             return _elementwise_shift(x, self.weight, self.bias, dim, self.base)
+        if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            return raa_formula(x, self.weight, self.bias, dim, self.base, self.shift)
         return RAAFunction.apply(x, self.weight, self.bias, dim, self.base)
+
+
+def raa_formula(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str,
+                shift: str) -> torch.Tensor:
+    """RAA as plain differentiable operations (erf form), for graphs that are traced, scripted or exported."""
+    if shift == "elementwise":
+        assert w is not None
+        return _elementwise_shift(x, w, b, dim, base)
+    s = b.to(x.dtype) if w is None else torch.sum(x * w.reshape([-1] + [1] * (-dim - 1)), dim, keepdim=True) + b
+    z = x + s  # in the parameters' precision where x is lower, as the Function does; y is in x's
+    if base == "relu":
+        return torch.relu(z).to(x.dtype)
+    return (x * (0.5 + 0.5 * torch.erf(z * math.sqrt(0.5)))).to(x.dtype)  # math.sqrt: TorchScript reads no globals
 
 
 def _elementwise_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int, base: str) -> torch.Tensor:
@@ -152,4 +175,4 @@ def _elementwise_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     z = (moved + moved @ weight.to(x.dtype).t() + bias.to(x.dtype)).movedim(-1, dim)
     if base == "relu":
         return torch.relu(z)
-    return x * (0.5 + 0.5 * torch.erf(z * _SQRT_HALF))
+    return x * (0.5 + 0.5 * torch.erf(z * math.sqrt(0.5)))

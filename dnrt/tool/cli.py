@@ -17,6 +17,8 @@ OTHER_COMMANDS = {
     "compare": ("compare", "compare runs side by side"),
     "profile": ("profile", "measure parameters, FLOPs and speed of a model with and without DNRT"),
     "reproduce": ("reproduce", "run or summarise the paper's tables as a grid of runs"),
+    "configs": ("configs", "list the built-in configs (dnrt train -c NAME runs one from any folder)"),
+    "export": ("export", "write a trained model as ONNX, torch.export (.pt2) or TorchScript for inference"),
 }
 RUN_COMMANDS = {"train": "train a model from a config",
                 "eval": "evaluate a checkpoint (top-1/5, loss, P/R/F1, per class)"}

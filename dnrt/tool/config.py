@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dnrt.errors import DNRTError
+from dnrt.tool.configs import find_config
 from dnrt.tool.keys import GROUPS, KEYS, Key
 
 DEFAULTS: dict[str, Any] = {key.name: key.default for key in KEYS.values()}
@@ -258,9 +259,7 @@ def resolve(values: Mapping[str, Any], name: str = "run", sources: Mapping[str, 
 def load_config(path: str, overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
     """Load a python config file, apply command-line overrides (tokens, or values already parsed), check every
     key and value, and return the full config."""
-    file = Path(path)
-    if not file.is_file():
-        raise DNRTError(f"config file not found: {path}")
+    file = find_config(path)  # a file, or a built-in config by name
     namespace, files = _run_file(file.resolve())
     values = _public_values(namespace)
     sources = _sources(list(values), files, str(path))

@@ -181,6 +181,8 @@ def _append(log: Path, row: dict) -> None:
 def train_graph(cfg: dict) -> dict:
     """Train a GNN full-batch by a resolved config; log every epoch; return the test metric at the best validation."""
     _pyg()
+    if cfg["pretrained"] or cfg["pretrained_file"]:
+        raise DNRTError(f"graph runs ({cfg['dataset']}) train from scratch: pretrained / pretrained_file do not apply")
     from timm.optim import create_optimizer_v2
 
     from dnrt import ResponseMemory

@@ -1,7 +1,10 @@
 """Models by name, built from timm and torchvision (adapted for 32x32 input where needed), then dnrt.convert."""
 from __future__ import annotations
 
+import argparse
 import difflib
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import timm
@@ -169,6 +172,20 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
 }
 
+# the library model whose published weights `pretrained=True` loads into each registry model (none where neither
+# library has the architecture or its stem: resnet18_cifar, resnet32_cifar, mlp)
+LIBRARY_WEIGHTS: dict[str, tuple[str, str]] = {
+    "vit_tiny_patch4_32": ("timm", "vit_tiny_patch16_224"), "vit_tiny_patch16_224": ("timm", "vit_tiny_patch16_224"),
+    "deit_tiny_patch4_32": ("timm", "deit_tiny_patch16_224"),
+    "deit_tiny_patch16_224": ("timm", "deit_tiny_patch16_224"),
+    "cait_xxs_patch4_32": ("timm", "cait_xxs24_224"), "cait_xxs24_224": ("timm", "cait_xxs24_224"),
+    "pvt_tiny_32": ("timm", "pvt_v2_b0"), "pvt_tiny_224": ("timm", "pvt_v2_b0"),
+    "tnt_small_patch4_32": ("timm", "tnt_s_patch16_224"), "tnt_s_patch16_224": ("timm", "tnt_s_patch16_224"),
+    "alexnet": ("torchvision", "alexnet"), "vgg11": ("torchvision", "vgg11"),
+    "resnet18": ("torchvision", "resnet18"),
+    "mobilenet_v2": ("torchvision", "mobilenet_v2"), "shufflenet_v2": ("torchvision", "shufflenet_v2_x1_0"),
+}
+
 
 def _from_library(lib: str, name: str, num_classes: int, in_chans: int, img_size: int, kwargs: dict) -> nn.Module:
     """Any timm or torchvision model by name, with `kwargs` passed to its constructor."""
@@ -194,12 +211,19 @@ def _from_library(lib: str, name: str, num_classes: int, in_chans: int, img_size
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int = 32, act: str | None = None,
-                 model_lib: str | None = None, model_kwargs: dict | None = None) -> nn.Module:
+                 model_lib: str | None = None, model_kwargs: dict | None = None, pretrained: bool = False,
+                 pretrained_file: str | None = None) -> nn.Module:
     """Build a model by name; entries of model_kwargs override the derived sizes; `act` swaps every activation
-    (model_kwargs' act_layer, the authors' way, sets it: see dnrt.compat)."""
+    (model_kwargs' act_layer, the authors' way, sets it: see dnrt.compat).
+
+    `pretrained=True` loads the library's published weights, `pretrained_file` a weights file, into the plain model
+    before `act` is swapped in (see load_pretrained)."""
     from dnrt.compat import from_act_layer, set_shift
 
     kwargs = dict(model_kwargs or {})
+    if "pretrained" in kwargs or "weights" in kwargs:
+        raise DNRTError("model_kwargs: pretrained weights are set by the config keys pretrained = True (the library's "
+                        "own weights) or pretrained_file = PATH, not by model_kwargs")
     act, shift = from_act_layer(kwargs.pop("act_layer", None), act)
     num_classes = kwargs.pop("num_classes", num_classes)
     in_chans = kwargs.pop("in_chans", in_chans)
@@ -216,6 +240,13 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int =
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise DNRTError(f"unknown model '{name}'; {hint}known: {', '.join(MODELS)} "
                         f"(or set model_lib='timm'/'torchvision')")
+    left: dict[str, torch.Tensor] = {}
+    if pretrained_file:
+        lib = model_lib or LIBRARY_WEIGHTS.get(name, ("", name))[0]
+        left = load_pretrained(model, read_weights(pretrained_file), pretrained_file, timm_filter=lib == "timm")
+    elif pretrained:
+        lib, lib_name = _library_source(name, model_lib)
+        left = load_pretrained(model, library_weights(lib, lib_name), f"{lib}'s {lib_name}", timm_filter=lib == "timm")
     if act is not None:
         from dnrt import convert
 
@@ -225,7 +256,135 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int =
         if shift is not None:
             set_shift(model, shift)
         model.train()
+    if left:
+        _load_after_conversion(model, left)
     return model
+
+
+def _library_source(name: str, model_lib: str | None) -> tuple[str, str]:
+    """(library, model name) whose published weights `pretrained=True` means for this model."""
+    if model_lib is not None:
+        return model_lib, name
+    if name not in LIBRARY_WEIGHTS:
+        raise DNRTError(f"pretrained=True: model {name} is built here and has no published weights; "
+                        f"train it once and set pretrained_file to that run's checkpoint")
+    return LIBRARY_WEIGHTS[name]
+
+
+def library_weights(lib: str, name: str) -> dict[str, torch.Tensor]:
+    """The published weights of a timm or torchvision model (downloaded once into the library's cache)."""
+    if lib == "timm":
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url):
+            raise DNRTError(f"pretrained=True: timm has no published weights for {name}")
+        url = f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/model.safetensors" if cfg.hf_hub_id else cfg.url
+    else:
+        try:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+        except (KeyError, ValueError):
+            raise DNRTError(f"pretrained=True: torchvision has no published weights for {name}") from None
+        url = weights.url
+    try:
+        if lib == "timm":
+            return timm.create_model(name, pretrained=True).state_dict()
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except OSError as e:  # no network, or the download failed
+        raise DNRTError(f"pretrained=True: {lib} could not download the weights of {name} ({type(e).__name__}); "
+                        f"fetch {url} and set pretrained_file to the downloaded file") from None
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """The state_dict in a weights file: a plain state_dict, a timm/torchvision training checkpoint
+    ({'state_dict': ...} / {'model': ...}), a dnrt checkpoint, or a .safetensors file."""
+    file = Path(path)
+    if not file.is_file():
+        raise DNRTError(f"pretrained_file not found: {path}")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(file)
+        else:  # timm's train.py saves its argparse.Namespace beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling a damaged or foreign file can raise almost any exception type
+        detail = (str(e).strip().splitlines() or [""])[0][:160]
+        raise DNRTError(f"pretrained_file {path} is not a weights file ({type(e).__name__}: {detail})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DNRTError(f"pretrained_file {path} holds no state_dict (a dict of tensors, or one under "
+                        f"'state_dict' or 'model')")
+    return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    """Parameter names as the plain model has them: without DDP's `module.` and torch.compile's `_orig_mod.`."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    """Parameter names of the classifier: timm's get_classifier(), else the model's last Linear."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or not list(head.parameters()):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        head = linears[-1] if linears else None
+    return {f"{n}.{p}".lstrip(".") for n, m in model.named_modules() if m is head for p, _ in m.named_parameters()}
+
+
+def load_pretrained(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                    timm_filter: bool = False) -> dict[str, torch.Tensor]:
+    """Load `state` into the plain `model` by name; a classifier of another class count stays freshly initialised.
+
+    Any other missing or misshapen tensor is a DNRTError. Prints one line of what was loaded and skipped; returns the
+    entries the plain model lacks (e.g. RAA's parameters of a dnrt checkpoint), for loading after conversion."""
+    if timm_filter:  # timm's own adaptation of published weights (e.g. ViT position embeddings resampled to img_size)
+        filter_fn = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+        if filter_fn is not None:
+            state = filter_fn(state, model)
+    own = model.state_dict()
+    heads = _head_names(model)
+    dropped = sorted(k for k in heads if k in state and state[k].shape != own[k].shape)
+    misshapen = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model" for k, v in state.items()
+                 if k in own and k not in dropped and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in heads and not k.endswith("num_batches_tracked")]
+    if misshapen or missing:
+        problems = misshapen[:3] + [f"{k} missing from the file" for k in missing[:3]]
+        raise DNRTError(f"pretrained weights from {source} do not fit the model ({len(misshapen)} misshapen, "
+                        f"{len(missing)} missing): {'; '.join(problems)}")
+    loaded = {k: v for k, v in state.items() if k in own and k not in dropped}
+    model.load_state_dict(loaded, strict=False)
+    left = {k: v for k, v in state.items() if k not in own}
+    fresh = dropped or sorted(k for k in heads if k not in state)
+    why = f"{state[dropped[0]].shape[0]} classes in the file" if dropped else "not in the file"
+    head = f"; classifier {', '.join(fresh)} re-initialised ({why})" if fresh else ""
+    rest = f"; {len(left)} tensors not in the plain model ({', '.join(sorted(left)[:3])}" \
+        f"{', ...' if len(left) > 3 else ''})" if left else ""
+    _print_main(f"pretrained: loaded {len(loaded)} of the model's {len(own)} tensors from {source}{head}{rest}")
+    return left
+
+
+def _load_after_conversion(model: nn.Module, left: dict[str, torch.Tensor]) -> None:
+    """Load the tensors the plain model lacked where the converted model has them (RAA's w and b of a DNRT run)."""
+    own = model.state_dict()
+    fits = {k: v for k, v in left.items() if k in own and own[k].shape == v.shape}
+    if fits:
+        model.load_state_dict(fits, strict=False)
+        _print_main(f"pretrained: loaded {len(fits)} more tensors into the converted activations; "
+                    f"{len(left) - len(fits)} skipped")
+
+
+def _print_main(message: str) -> None:
+    from dnrt.tool.distributed import is_main_process
+
+    if is_main_process():
+        print(message, flush=True)
 
 
 def build_arr(model: nn.Module, cfg: dict, num_classes: int) -> Any:

@@ -1,12 +1,14 @@
 """`dnrt reproduce`: the paper's tables as a grid of training runs, each set beside the paper's number.
 
 The grid below (recipes, datasets, models, columns, tables) is the single description of every experiment;
-`python -m dnrt.tool.reproduce` writes it out as the config files under configs/paper/, which the runs load.
+it is written out as the config files under ./configs/paper/ of the current folder (by `python -m
+dnrt.tool.reproduce`, or by `dnrt reproduce` where they are missing), which the runs load; never into the package.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import textwrap
@@ -18,7 +20,7 @@ from dnrt.errors import DNRTError
 from dnrt.tool.graph import GRAPHS
 
 PAPER: dict[str, Any] = json.loads(Path(__file__).with_name("paper_results.json").read_text())
-CONFIG_ROOT = Path(__file__).resolve().parents[2] / "configs" / "paper"  # the repository's; --configs elsewhere
+CONFIG_ROOT = Path("configs") / "paper"  # under the current folder (a clone's holds the committed files)
 
 # ---------------------------------------------------------------- the grid
 # A recipe is the training setting shared by a model family on a kind of data: (why, config values).
@@ -31,7 +33,7 @@ _DIGITS_CPU: dict[str, Any] = dict(
 
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_cifar": (
-        "ViTs on 32x32 CIFAR: the authors' configs (SPEC section 3). Augmentation: the tool's default, "
+        "ViTs on 32x32 CIFAR: the authors' configs (docs/method.md section 5). Augmentation: the tool's default, "
         "timm create_transform with RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25.",
         dict(batch_size=256, lr=5e-4 * 256 / 512, optimizer="adamw", weight_decay=0.05, epochs=300,
              scheduler="cosine", warmup_epochs=20, warmup_lr=1e-6, min_lr=1e-5, clip_max_norm=1.0,
@@ -315,9 +317,31 @@ def write_configs(root: Path = CONFIG_ROOT) -> list[Path]:
     """Write every config file of the grid under root; return their paths."""
     files = all_config_files(root)
     for path, text in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        _write_atomic(path, text)
     return list(files)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def ensure_configs(selected: Sequence[Cell], root: Path, log=print) -> None:
+    """Write the grid's config files for `selected` under root where they are missing; a file there that differs
+    from the grid (written by another version, or edited) is a DNRTError rather than a silent other experiment."""
+    files = all_config_files(root)
+    needed = {c.config for c in selected} | {c.config.parent / "_base_.py" for c in selected}
+    stale = [p for p in sorted(needed) if p.is_file() and p.read_text() != files[p]]
+    if stale:
+        raise DNRTError(f"{stale[0]} differs from the grid of this dnrt version ({len(stale)} such files); "
+                        f"delete them to have them written again, or choose another --configs folder")
+    missing = [p for p in sorted(needed) if not p.is_file()]
+    for path in missing:
+        _write_atomic(path, files[path])
+    if missing:
+        log(f"wrote {len(missing)} config files of the grid under {_shown(root)}")
 
 
 # ---------------------------------------------------------------- running
@@ -496,7 +520,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="runs/paper", help="runs go to OUTPUT_DIR/<cell>/seed<S>")
     parser.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run (e.g. data_root=/data batch_size=128)")
-    parser.add_argument("--configs", default=str(CONFIG_ROOT), help="the folder of the generated configs")
+    parser.add_argument("--configs", default=str(CONFIG_ROOT),
+                        help="the folder of the generated configs, written there where missing (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -504,6 +529,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise DNRTError(f"--epochs must be at least 1, got {args.epochs}")
     selected = cells(args.table, args.datasets, args.models, args.acts, Path(args.configs))
+    ensure_configs(selected, Path(args.configs))
     seeds = args.seeds or [None]
     results = run_cells(selected, Path(args.output_dir), seeds, args.epochs, args.sets, args.dry_run)
     if args.dry_run:

@@ -61,8 +61,9 @@ def model_args(cfg: dict) -> dict[str, int]:
 
 def build_model(cfg: dict, args: dict[str, int], device: torch.device) -> tuple[nn.Module, Any]:
     """The model with `act` swapped in, and ARR on it when criterion == 'arr', both on `device`."""
+    weights = {} if cfg["resume"] else {"pretrained": cfg["pretrained"], "pretrained_file": cfg["pretrained_file"]}
     model = create_model(cfg["model"], act=cfg["act"], model_lib=cfg["model_lib"], model_kwargs=cfg["model_kwargs"],
-                         **args)
+                         **weights, **args)
     arr = build_arr(model, cfg, args["num_classes"])
     model.to(device)
     if arr is not None:

@@ -1,0 +1,30 @@
+# The authors' defaults (docs/method.md §5): ViT-Tiny, patch 4, on CIFAR-100 with the paper's training recipe.
+# A config sets module-level variables and may start with `from _base_ import *`.
+dataset = "cifar100"
+data_root = "./data"
+model = "vit_tiny_patch4_32"
+model_lib = None
+model_kwargs = {}
+act = None
+batch_size = 256
+lr = 5e-4 * batch_size / 512
+epochs = 300
+warmup_epochs = 20
+warmup_lr = 1e-6
+min_lr = 1e-5
+optimizer = "adamw"
+weight_decay = 0.05
+scheduler = "cosine"
+clip_max_norm = 1.0
+amp = True
+seed = 42
+criterion = "ce"
+arr_loss_coef = 20.0
+need_targets = False
+num_workers = 8
+sync_bn = False
+device = None
+save_interval = 50
+eval_interval = 1
+print_freq = 50
+output_dir = "./runs/base"
