@@ -1,5 +1,5 @@
 """RAA's kernels and ops: the C++ kernels against the float64 formula (docs/method.md §1, §2), the default choice
-and its fallback, ``set_fused``, ``torch.library.opcheck`` of every registered op, ``torch.compile``, ``torch.export``."""
+and its fallback, ``set_fused``, ``torch.library.opcheck`` of every registered op, compile and export."""
 import shutil
 import warnings
 

@@ -273,7 +273,10 @@ void planes_forward(const T* x, const float* w, float b, T* y, float* s, const T
         float sp = b;
         for (int64_t c = 0; w && c < C; ++c) sp += w[c] * xt[c * stride + p];
         if (w) st[p] = sp;
-        for (int64_t c = 0; c < C; ++c) yt[c * stride + p] = activation<Gelu>(xt[c * stride + p], xt[c * stride + p] + sp);
+        for (int64_t c = 0; c < C; ++c) {
+          const float xc = xt[c * stride + p];
+          yt[c * stride + p] = activation<Gelu>(xc, xc + sp);
+        }
       }
       store_tile(ybuf.data(), y + off, tiles, n);
     }

@@ -57,7 +57,7 @@ def forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: in
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str):
-    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)``, the parameter gradients in float32 (``∂L/∂w`` empty for ``w=None``)."""
+    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)``, the parameter gradients in float32 (``∂L/∂w`` empty for no ``w``)."""
     return torch.ops.dnrt_cpu.raa_backward(grad.contiguous(), x.contiguous(), s, _float(w), dim, base == "gelu")
 
 

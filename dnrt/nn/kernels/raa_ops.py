@@ -25,8 +25,8 @@ def raa_forward(x: Tensor, w: Optional[Tensor], b: Tensor, dim: int, base: str) 
 @torch.library.custom_op("dnrt::raa_backward", mutates_args=())
 def raa_backward(grad: Tensor, x: Tensor, s: Tensor, w: Optional[Tensor], dim: int,
                  base: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(∂L/∂x, ∂L/∂w, ∂L/∂b)``, the parameter gradients in float32 (float64 for float64 ``x``); ``∂L/∂w`` is
-    empty for the scalar shift (``w=None``)."""
+    """``(∂L/∂x, ∂L/∂w, ∂L/∂b)``, the parameter gradients in float32 (float64 for float64 ``x``);
+    ``∂L/∂w`` is empty for the scalar shift (``w=None``)."""
     return _plain_backward(grad, x, s, w, dim, base)
 
 
