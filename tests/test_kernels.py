@@ -88,6 +88,24 @@ def test_cpu_kernels_take_16_bit_input_with_float32_arithmetic(dtype, shape, dim
     assert_grads_close([grad_b] if w is None else [grad_w, grad_b], want_grads[1:], 1e-5)
 
 
+@pytest.mark.parametrize("shape,dim", [((4, 9, 40), -1), ((3, 12, 5, 7), 1)])
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+def test_cpu_kernels_spread_nan_as_the_formula_does(shape, dim, base):
+    """A NaN spoils its own feature vector's output and, as in the formula, parts of the gradients; no more."""
+    raa_cpu = cpu_kernels_or_skip()
+    torch.manual_seed(0)
+    x, g = torch.randn(*shape), torch.randn(*shape)
+    x[(1, 2, 3) if dim == -1 else (1, 2, 3, 4)] = float("nan")
+    w, b = torch.randn(shape[dim]) * 0.3, torch.tensor(0.2)
+    y, s = raa_cpu.forward(x, w, b, dim, base)
+    grads = raa_cpu.backward(g, x, s, w, dim, base)
+    want_y, want_grads = reference(x, g, w, b, dim, base)
+    assert want_y.isnan().sum() == shape[dim] and want_grads[1].isnan().any()
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5, equal_nan=True)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4, equal_nan=True)
+
+
 def dnrt_ops_run(module, x):
     """The names of the dnrt ops that a forward and backward of ``module(x)`` runs."""
     with torch.profiler.profile() as prof:

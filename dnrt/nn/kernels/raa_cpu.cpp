@@ -24,6 +24,9 @@
 #include <type_traits>
 #include <vector>
 
+// The per-element functions must inline into the loops: a call passes its vectors through memory.
+#define DNRT_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
@@ -42,7 +45,7 @@ float hsum(const Vec& v) {
 }
 
 // Φ(z) = (1 + erf(z/√2)) / 2 by the erf of ATen's vectorised GELU, given e = exp(-z²/2) = exp(-(z/√2)²).
-Vec cdf(const Vec& z, const Vec& e) {
+DNRT_INLINE Vec cdf(const Vec& z, const Vec& e) {
   const Vec one(1.f), half(0.5f);
   const Vec t = one / at::vec::fmadd(Vec(0.3275911f), z.abs() * Vec(kSqrtHalf), one);
   Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
@@ -52,34 +55,33 @@ Vec cdf(const Vec& z, const Vec& e) {
   const Vec erf_abs = one - r * t * e;
   return at::vec::fmadd(half, Vec::blendv(erf_abs, Vec(0.f) - erf_abs, z < Vec(0.f)), half);
 }
-float cdf(float z, float) { return 0.5f * (1.f + std::erf(z * kSqrtHalf)); }
+DNRT_INLINE float cdf(float z, float) { return 0.5f * (1.f + std::erf(z * kSqrtHalf)); }
 
-Vec v_fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
-float v_fma(float a, float b, float c) { return a * b + c; }
-// exp(-z²/2) for z's φ and Φ: ATen's inline exp of 20 ulp (Sleef's costs a call that spills every register),
-// with NaN kept, which that exp turns into a finite value.
-Vec gauss(const Vec& z) {
-  const Vec q = z * z * Vec(-0.5f);
-  return Vec::blendv(q.exp_u20(), q, q.isnan());
-}
-float gauss(float z) { return std::exp(-0.5f * z * z); }
-Vec positive(const Vec& a) { return a.gt(Vec(0.f)); }
-float positive(float a) { return a > 0.f ? 1.f : 0.f; }
-Vec relu(const Vec& a) { return at::vec::maximum(a, Vec(0.f)); }
-float relu(float a) { return std::isnan(a) ? a : std::max(a, 0.f); }
+DNRT_INLINE Vec v_fma(const Vec& a, const Vec& b, const Vec& c) { return at::vec::fmadd(a, b, c); }
+DNRT_INLINE float v_fma(float a, float b, float c) { return a * b + c; }
+// exp(-z²/2) for z's φ and Φ: ATen's inline exp of 20 ulp (Sleef's costs a call that spills every register).
+// That exp turns NaN into a finite value: Φ is NaN all the same (through t), φ needs it put back.
+DNRT_INLINE Vec gauss(const Vec& z) { return (z * z * Vec(-0.5f)).exp_u20(); }
+DNRT_INLINE float gauss(float z) { return std::exp(-0.5f * z * z); }
+DNRT_INLINE Vec keep_nan(const Vec& e, const Vec& z) { return Vec::blendv(e, z, z.isnan()); }
+DNRT_INLINE float keep_nan(float e, float) { return e; }
+DNRT_INLINE Vec positive(const Vec& a) { return a.gt(Vec(0.f)); }
+DNRT_INLINE float positive(float a) { return a > 0.f ? 1.f : 0.f; }
+DNRT_INLINE Vec relu(const Vec& a) { return at::vec::maximum(a, Vec(0.f)); }
+DNRT_INLINE float relu(float a) { return std::isnan(a) ? a : std::max(a, 0.f); }
 
 // y = x·Φ(z) or max(0, z), for z = x + s; V is Vec or float.
 template <bool Gelu, typename V>
-V activation(const V& x, const V& z) {
+DNRT_INLINE V activation(const V& x, const V& z) {
   if constexpr (Gelu) return x * cdf(z, gauss(z));
   else return relu(z);
 }
 
 // Returns g·∂y/∂x without the shift's share; term = g·∂y/∂s, summed into u.
 template <bool Gelu, typename V>
-V gradient(const V& g, const V& x, const V& z, V& term) {
+DNRT_INLINE V gradient(const V& g, const V& x, const V& z, V& term) {
   if constexpr (Gelu) {
-    const V e = gauss(z);
+    const V e = keep_nan(gauss(z), z);
     term = g * x * e * V(kInvSqrt2Pi);
     return v_fma(g, cdf(z, e), term);
   } else {
