@@ -66,7 +66,7 @@ def _kernel(x: torch.Tensor, w: Optional[torch.Tensor], base: str) -> Optional[s
     """``"cpu"`` or ``"triton"`` where a hand-written kernel applies to ``x``, else None."""
     if x.device.type == "cpu":
         return "cpu" if raa_cpu.supports(x, w, -1, base) and raa_cpu.available() else None
-    if x.is_cuda and w is not None and w.numel() <= _triton_features():
+    if x.is_cuda and w is not None and x.dtype in raa_math.KERNEL_DTYPES and w.numel() <= _triton_features():
         return "triton"
     return None
 

@@ -3,11 +3,12 @@
 // Two layouts of the feature vectors, seen as [outer, C, inner]:
 // - rows (inner = 1, features last): each vector is one contiguous row of C, vectorised along it; its shift
 //   and backward's u = Σ g·∂y/∂s are row sums taken while the row is in L1;
-// - planes (inner = H·W, channels first; also the scalar shift, as [1, 1, numel]): a tile of T positions by
-//   C channels is vectorised along the positions, the T shifts and sums u kept in small buffers.
-// Rows of other dtypes are converted to float32 buffers on the way in and out. Each thread keeps its own
-// share of ∂L/∂w (and of ∂L/∂b for the scalar shift). GELU's Φ is the Abramowitz–Stegun erf of ATen's
-// vectorised GELU, built on exp(-z²/2), which backward's φ shares.
+// - planes (inner = H·W, channels first; also the scalar shift, as [1, 1, numel]): vectorised along the
+//   positions, one vector of positions at a time walks the C channels with its shifts and sums u in registers.
+// Threads share out rows or tiles of positions; rows and tiles of 16-bit input are converted to float32
+// buffers on the way in and out. Each thread keeps its own share of ∂L/∂w (and of ∂L/∂b for the scalar
+// shift). GELU's Φ is the Abramowitz–Stegun erf of ATen's vectorised GELU, built on exp(-z²/2), which
+// backward's φ shares.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -243,8 +244,8 @@ void store_tile(const float* buf, T* dst, const Tiles& tiles, int64_t n) {
   for (int64_t c = 0; c < tiles.channels; ++c) store_line(buf + c * n, dst + c * tiles.inner, n);
 }
 
-// Planes: within a tile, one vector of positions at a time, its shifts (and backward's sums u) in registers
-// while it walks the C channels, whose lines stay in L1 for the next vector.
+// Planes: within a tile, one vector of positions at a time walks the C channels, its shifts (and backward's
+// sums u) in registers; two accumulators halve the chain of dependent additions.
 template <typename T, bool Gelu>
 void planes_forward(const T* x, const float* w, float b, T* y, float* s, const Tiles& tiles) {
   const int64_t C = tiles.channels;

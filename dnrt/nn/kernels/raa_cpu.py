@@ -16,9 +16,6 @@ import torch
 from . import raa_math
 from .build import load_cpp
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 @torch.compiler.assume_constant_result
 def available() -> bool:
     """Whether the kernels are loaded; the first call builds them (a warning says why a build failed).
@@ -47,7 +44,7 @@ def _backward_fake(grad, x, s, w, dim, gelu):
 
 def supports(x: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str) -> bool:
     """Whether ``x`` (and ``w``) is a case the kernels cover; non-contiguous input is copied first."""
-    return x.device.type == "cpu" and x.dtype in DTYPES and x.numel() > 0 and base in ("gelu", "relu") and (
+    return x.device.type == "cpu" and x.dtype in raa_math.KERNEL_DTYPES and x.numel() > 0 and base in ("gelu", "relu") and (
         w is None or (w.device.type == "cpu" and w.dim() == 1 and w.is_floating_point()))
 
 

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 Tensor = torch.Tensor
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the hand-written kernels take
 NO_SECOND_ORDER = "dnrt.RAA has no second derivative: backward with create_graph=True is not supported"
 
 

@@ -61,7 +61,7 @@ def _triton(x: Tensor, w: Optional[Tensor]):
 def _forward_cuda(x: Tensor, w: Optional[Tensor], b: Tensor, dim: int, base: str):
     triton = _triton(x, w)
     if triton is not None:
-        return triton.forward(x.contiguous(), w, b, dim, base)
+        return triton.forward(x, w, b, dim, base)
     return raa_math.forward(x.contiguous(), w, b, dim, base)
 
 
@@ -69,7 +69,7 @@ def _forward_cuda(x: Tensor, w: Optional[Tensor], b: Tensor, dim: int, base: str
 def _backward_cuda(grad: Tensor, x: Tensor, s: Tensor, w: Optional[Tensor], dim: int, base: str):
     triton = _triton(x, w)
     if triton is not None and s.dtype == torch.float32:
-        return triton.backward(grad.contiguous(), x.contiguous(), s, w, dim, base)
+        return triton.backward(grad, x, s, w, dim, base)
     return _plain_backward(grad, x, s, w, dim, base)
 
 
