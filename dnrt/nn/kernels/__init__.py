@@ -65,7 +65,7 @@ def _triton_features() -> int:
 def _kernel(x: torch.Tensor, w: Optional[torch.Tensor], base: str) -> Optional[str]:
     """``"cpu"`` or ``"triton"`` where a hand-written kernel applies to ``x``, else None."""
     if x.device.type == "cpu":
-        return "cpu" if raa_cpu.supports(x, w, -1, base) and raa_cpu.available() else None
+        return "cpu" if raa_cpu.supports(x, w, base) and raa_cpu.available() else None
     if x.is_cuda and w is not None and x.dtype in raa_math.KERNEL_DTYPES and w.numel() <= _triton_features():
         return "triton"
     return None
@@ -86,6 +86,7 @@ def raa(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, b
 
 @functools.lru_cache(maxsize=None)
 def _compiled_math() -> SimpleNamespace:
+    """The plain math compiled by ``torch.compile``, for ``set_fused(True)`` where no kernel applies."""
     return SimpleNamespace(forward=torch.compile(raa_math.forward, fullgraph=True),
                            backward=torch.compile(raa_math.backward, fullgraph=True))
 

@@ -42,7 +42,7 @@ def _backward_fake(grad, x, s, w, dim, gelu):
     return x.new_empty(x.shape), x.new_empty(width, dtype=torch.float32), x.new_empty((), dtype=torch.float32)
 
 
-def supports(x: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str) -> bool:
+def supports(x: torch.Tensor, w: Optional[torch.Tensor], base: str) -> bool:
     """Whether ``x`` (and ``w``) is a case the kernels cover; non-contiguous input is copied first."""
     return x.device.type == "cpu" and x.dtype in raa_math.KERNEL_DTYPES and x.numel() > 0 and base in ("gelu", "relu") and (
         w is None or (w.device.type == "cpu" and w.dim() == 1 and w.is_floating_point()))
