@@ -147,7 +147,7 @@ def test_default_and_plain_pytorch_agree_through_the_module(base, shift, dim):
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.5)
-    x = torch.randn(3, 6, 4, 5) if dim == 1 else torch.randn(3, 7, 6)
+    x = torch.randn(3, 6, 4, 5) if dim == 1 else torch.randn(3, 6, 7).transpose(1, 2)  # rows copied first
     x.requires_grad_()
     params = [x] + list(m.parameters())
     y = m(x)
@@ -157,6 +157,27 @@ def test_default_and_plain_pytorch_agree_through_the_module(base, shift, dim):
         plain = torch.autograd.grad(y_plain.square().sum(), params)
     torch.testing.assert_close(y, y_plain)
     for a, e in zip(grads, plain):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", ["vector", "scalar"])
+def test_a_channels_last_map_runs_as_rows_and_keeps_its_layout(shift):
+    cpu_kernels_or_skip()
+    torch.manual_seed(0)
+    m = dnrt.RAA(12, shift=shift, channel_dim=1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 12, 5, 7).to(memory_format=torch.channels_last).requires_grad_()
+    assert dnrt_ops_run(m, x) == CPU_OPS
+    y = m(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    params = [x] + list(m.parameters())
+    got = torch.autograd.grad(y, params, y.detach())
+    w = m.weight if shift == "vector" else None
+    want_y = formula(x, w, m.bias, 1, "gelu", shift)
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5)
+    for a, e in zip(got, torch.autograd.grad(want_y, params, y.detach())):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
 
 

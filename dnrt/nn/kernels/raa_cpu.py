@@ -49,13 +49,26 @@ def supports(x: torch.Tensor, w: Optional[torch.Tensor], base: str) -> bool:
 
 
 def forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str):
-    """Return ``(y, s)`` with ``s`` the float32 shift, shaped as ``x`` with its feature dim of size 1."""
+    """Return ``(y, s)`` with ``s`` the float32 shift, shaped as ``x`` with its feature dim of size 1. A map whose
+    features lie last in memory (``channels_last``) runs as rows and keeps its layout; others are made contiguous."""
+    if _features_last(x, dim):
+        y, s = torch.ops.dnrt_cpu.raa_forward(x.movedim(dim, -1), _float(w), b, -1, base == "gelu")
+        return y.movedim(-1, dim), s.movedim(-1, dim)
     return torch.ops.dnrt_cpu.raa_forward(x.contiguous(), _float(w), b, dim, base == "gelu")
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str):
     """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)``, the parameter gradients in float32 (``∂L/∂w`` empty for no ``w``)."""
+    if _features_last(x, dim):
+        moved = [t.movedim(dim, -1).contiguous() for t in (grad, x, s)]
+        grad_x, grad_w, grad_b = torch.ops.dnrt_cpu.raa_backward(*moved, _float(w), -1, base == "gelu")
+        return grad_x.movedim(-1, dim), grad_w, grad_b
     return torch.ops.dnrt_cpu.raa_backward(grad.contiguous(), x.contiguous(), s, _float(w), dim, base == "gelu")
+
+
+def _features_last(x: torch.Tensor, dim: int) -> bool:
+    """Whether ``x`` is not contiguous but is with its feature dim moved last, as a ``channels_last`` map."""
+    return not x.is_contiguous() and x.movedim(dim, -1).is_contiguous()
 
 
 def _float(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -38,14 +38,14 @@ def _plain_backward(grad: Tensor, x: Tensor, s: Tensor, w: Optional[Tensor], dim
 @raa_forward.register_kernel("cpu")
 def _forward_cpu(x: Tensor, w: Optional[Tensor], b: Tensor, dim: int, base: str):
     if raa_cpu.supports(x, w, base) and raa_cpu.available():
-        return raa_cpu.forward(x, w, b, dim, base)
+        return raa_cpu.forward(x.contiguous(), w, b, dim, base)  # contiguous, as the fake implementation says
     return raa_math.forward(x.contiguous(), w, b, dim, base)
 
 
 @raa_backward.register_kernel("cpu")
 def _backward_cpu(grad: Tensor, x: Tensor, s: Tensor, w: Optional[Tensor], dim: int, base: str):
     if raa_cpu.supports(x, w, base) and s.dtype == torch.float32 and raa_cpu.available():
-        return raa_cpu.backward(grad, x, s, w, dim, base)
+        return raa_cpu.backward(grad, x.contiguous(), s, w, dim, base)
     return _plain_backward(grad, x, s, w, dim, base)
 
 
