@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -369,7 +368,7 @@ void check(const at::Tensor& t, const char* name) {
               " must be a non-empty contiguous CPU tensor");
 }
 
-const float* weights(const std::optional<at::Tensor>& w, const Shape& shape) {
+const float* weights(const c10::optional<at::Tensor>& w, const Shape& shape) {
   if (!w) return nullptr;
   check(*w, "w");
   TORCH_CHECK(w->scalar_type() == at::kFloat && w->numel() == shape.channels,
@@ -400,7 +399,7 @@ std::vector<int64_t> shift_sizes(const at::Tensor& x, int64_t dim, bool scalar) 
 }
 
 // Returns y and the float32 shift s, shaped as x with its feature dim of size 1 (all ones for a scalar shift).
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optional<at::Tensor>& w,
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Tensor>& w,
                                            const at::Tensor& b, int64_t dim, bool gelu) {
   check(x, "x");
   const Shape shape = shape_of(x, dim, !w);
@@ -422,7 +421,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const std::optio
 
 // Returns ∂L/∂x, ∂L/∂w (float32; empty for the scalar shift) and ∂L/∂b (float32, 0-d).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& s,
-                                                        const std::optional<at::Tensor>& w, int64_t dim, bool gelu) {
+                                                        const c10::optional<at::Tensor>& w, int64_t dim, bool gelu) {
   check(g, "grad");
   check(x, "x");
   check(s, "s");
