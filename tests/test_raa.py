@@ -216,3 +216,14 @@ def test_a_state_saved_before_the_kind_loads_strictly_with_a_warning():
     torch.testing.assert_close(loaded.weight, saved.weight)
     with pytest.raises(RuntimeError, match="Missing key"):  # other missing keys still fail strict loading
         dnrt.RAA(6).load_state_dict({"kind": state["weight"].new_tensor([0, 0, -1]).long()})
+
+
+def test_the_tools_gelu_based_resnet_state_does_not_load_into_a_converted_relu_based_one():
+    """The case of issue 10: ``act='raa'`` gives GELU-based RAAs, ``dnrt.convert`` ReLU-based ones, same names."""
+    from dnrt.tool.models import create_model
+
+    tool = create_model("resnet32_cifar", num_classes=10, act="raa")
+    converted = dnrt.convert(create_model("resnet32_cifar", num_classes=10), torch.randn(1, 3, 32, 32))
+    with pytest.raises(dnrt.DNRTError, match=r"^stem\.2: the state is of RAA\(base='gelu', shift='vector', "
+                                             r"channel_dim=1\), this module is RAA\(base='relu'"):
+        converted.load_state_dict(tool.state_dict())
