@@ -1,9 +1,10 @@
 """RAA's forward and backward as PyTorch ops: ``torch.ops.dnrt.raa_forward`` and ``torch.ops.dnrt.raa_backward``.
 
-Each has a fake (meta) implementation, so ``torch.compile`` and ``torch.export`` trace it as one node, and the
-forward has an autograd formula that saves only ``x`` and the shift ``s``. Their kernels: the C++ ones on the
-CPU and the Triton ones on CUDA where those apply, the plain math otherwise and on other devices. None reads a
-device value on the host, so CUDA graphs capture them. ``torch.library.custom_op`` needs torch 2.4.
+What ``torch.compile`` and ``torch.export`` trace RAA as (``kernels.raa``; eager calls run the same kernels
+through an autograd Function). Each op has a fake (meta) implementation, and the forward an autograd formula
+that saves only ``x`` and the shift ``s``. Their kernels: the C++ ones on the CPU and the Triton ones on CUDA
+where those apply, the plain math otherwise and on other devices; their outputs are contiguous, as the fakes
+say. None reads a device value on the host, so CUDA graphs capture them. ``custom_op`` needs torch 2.4.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ Tensor = torch.Tensor
 
 @torch.library.custom_op("dnrt::raa_forward", mutates_args=())
 def raa_forward(x: Tensor, w: Optional[Tensor], b: Tensor, dim: int, base: str) -> Tuple[Tensor, Tensor]:
-    """``(y, s)``: RAA of ``x`` and its shift, shaped as ``x`` with the feature dim ``dim`` of size 1."""
+    """``(y, s)``: RAA of ``x``, and its shift ``s`` shaped as ``x`` with the feature dim of size 1."""
     return raa_math.forward(x.contiguous(), w, b, dim, base)
 
 
