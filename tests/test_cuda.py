@@ -1,4 +1,5 @@
-"""CUDA-only checks (skipped without a GPU): fused kernels, AMP, a sync-free memory update, a training step."""
+"""CUDA-only checks (skipped without a GPU): fused kernels, their ops, CUDA graphs, AMP, a sync-free memory update,
+a training step."""
 import pytest
 import timm
 import torch
@@ -28,6 +29,52 @@ def test_fused_raa_matches_the_formula(base, dim, shape):
     want_grads = torch.autograd.grad(want, [x64, w64, b64], g.double())
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
     for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_of_the_cuda_ops(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(4, 24, 5, 5, device="cuda", dtype=dtype)
+    w, b = torch.randn(24, device="cuda") * 0.3, torch.tensor(0.2, device="cuda")
+    args = [t.clone().requires_grad_() for t in (x, w, b)]
+    torch.library.opcheck(torch.ops.dnrt.raa_forward.default, (*args, -3, "gelu"))
+    y, s = torch.ops.dnrt.raa_forward(x, w, b, -3, "gelu")
+    torch.library.opcheck(torch.ops.dnrt.raa_backward.default, (torch.randn_like(y), x, s, w, -3, "gelu"))
+
+
+def test_a_cuda_graph_captures_forward_and_backward_without_host_sync():
+    torch.manual_seed(0)
+    m = dnrt.RAA(64).cuda()
+    with torch.no_grad():
+        m.weight.normal_(0, 0.1)
+        m.bias.fill_(0.2)
+    static_x = torch.randn(8, 10, 64, device="cuda", requires_grad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                m(static_x).square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(side)
+    m.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = m(static_x)
+        static_y.square().sum().backward()
+    new_x = torch.randn(8, 10, 64, device="cuda")
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (new_x, m.weight, m.bias))
+    want = formula(x64, w64, b64, -1, "gelu", "vector")
+    want_grads = torch.autograd.grad(want.square().sum(), [x64, w64, b64])
+    torch.testing.assert_close(static_y.double(), want, rtol=1e-5, atol=1e-5)
+    for got, ref in zip([static_x.grad, m.weight.grad, m.bias.grad], want_grads):
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-3)
 
 

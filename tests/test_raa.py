@@ -1,9 +1,12 @@
-"""RAA against the plain formula of docs/method.md §1: values, gradients, dtypes, memory kept, compile."""
+"""RAA against the plain formula of docs/method.md §1: values, gradients, dtypes, memory kept, its saved kind.
+
+The kernels, the registered ops and compilation: tests/test_kernels.py."""
 import math
+import re
 import os
-import shutil
 import subprocess
 import sys
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -135,128 +138,24 @@ def test_wrong_width_is_a_clear_error():
         dnrt.RAA(6, base="tanh")
 
 
-def test_fused_kernels_match_eager():
-    torch.manual_seed(0)
-    m = randomised("gelu", "vector", -1, torch.float32)
-    x = torch.randn(3, 7, 6, requires_grad=True)
-    eager = m(x)
-    eager_grads = torch.autograd.grad(eager.square().sum(), [x, m.weight, m.bias])
-    kernels.set_fused(True)
-    try:
-        out = m(x)
-        grads = torch.autograd.grad(out.square().sum(), [x, m.weight, m.bias])
-    finally:
-        kernels.set_fused("auto")
-    torch.testing.assert_close(out, eager)
-    for a, b in zip(grads, eager_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def cpu_kernels_or_skip():
-    """The C++ kernels are built on this machine's x86 ISAs whenever a compiler is there; elsewhere skip."""
-    from dnrt.nn.kernels import raa_cpu
-
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
-        pytest.skip("the CPU kernels need AVX2 or AVX-512 and a C++ compiler")
-    assert raa_cpu.available()
-    return raa_cpu
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 48), (7, 33), (1, 20), (5000, 3), (2, 3, 768), (40000, 3), (64, 768)])
-def test_cpu_kernels_match_float64_formula(shape):
-    """Widths with a vector tail, rows narrower than a vector; the last two shapes have more rows than one
-    thread's share (32768 elements), so they split among three threads, each with its own ∂L/∂w part."""
-    raa_cpu = cpu_kernels_or_skip()
-    torch.manual_seed(0)
-    x, g = torch.randn(*shape), torch.randn(*shape)
-    w, b = torch.randn(shape[-1]) * 0.3, torch.tensor(0.2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        y, s = raa_cpu.forward(x, w, b, -1, "gelu")
-        grads = raa_cpu.backward(g, x, s, w, -1, "gelu")
-    finally:
-        torch.set_num_threads(threads)
-    x64, w64, b64 = x.double().requires_grad_(), w.double().requires_grad_(), b.double().requires_grad_()
-    y64 = formula(x64, w64, b64, -1, "gelu", "vector")
-    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(s.double(), (x64 @ w64 + b64).detach().reshape(-1), rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, torch.autograd.grad(y64, [x64, w64, b64], g.double())):
-        scale = max(1.0, want.abs().max().item())  # ∂L/∂w sums 64·768 float32 terms: error relative to its size
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * scale)
-
-
-def test_cpu_kernels_run_under_set_fused_and_keep_nan():
-    """``set_fused(True)`` picks them for float32 tokens; a fresh RAA is GELU; a NaN spoils its own row only."""
-    cpu_kernels_or_skip()
-    x = torch.randn(4, 9, 40)
-    x[1, 2, 3] = float("nan")
-    kernels.set_fused(True)
-    try:
-        assert kernels.raa_kernels(x, torch.zeros(40), -1, "gelu", None, None)[0].__module__ == "dnrt.nn.kernels.raa_cpu"
-        assert kernels.raa_kernels(x.bfloat16(), torch.zeros(40), -1, "gelu", None, None)[0].__module__ != "dnrt.nn.kernels.raa_cpu"
-        y = dnrt.RAA(40)(x)
-    finally:
-        kernels.set_fused("auto")
-    assert y.isnan().sum() == 40 and y[1, 2].isnan().all()  # as in the formula: 0·NaN makes the row's shift NaN
-    y[1, 2] = x[1, 2] = 0
-    torch.testing.assert_close(y, nn.functional.gelu(x))
-
-
-def test_cpu_kernels_that_fail_to_build_warn_and_fall_back(monkeypatch):
-    from torch.utils import cpp_extension
-
-    from dnrt.nn.kernels import build, raa_cpu
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
-
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    build.load_cpp.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match=r"kernels did not build \(Ninja is required to load C\+\+ extensions\); "
-                                             r"using torch.compile instead$"):
-            assert raa_cpu.available() is False
-    finally:
-        build.load_cpp.cache_clear()
-
-
-@pytest.mark.parametrize("mode", [False, True])
+@pytest.mark.parametrize("mode", [False, "auto"])
 def test_one_vector_and_no_second_order(mode):
     """A 1-D input is one feature vector; a double backward is a clear error, not a silent first order."""
     torch.manual_seed(0)
     m = randomised("gelu", "vector", -1, torch.float32)
     x = torch.randn(6, requires_grad=True)
-    kernels.set_fused(mode)
-    try:
+    with kernels.set_fused(mode):
         grads = torch.autograd.grad(m(x).sum(), [x, m.weight, m.bias])
         want = torch.autograd.grad(formula(x, m.weight, m.bias, -1, "gelu", "vector").sum(), [x, m.weight, m.bias])
         for a, b in zip(grads, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         with pytest.raises(RuntimeError, match="dnrt.RAA has no second derivative"):
             torch.autograd.grad(m(x.expand(3, 6)).sum(), x, create_graph=True)
-    finally:
-        kernels.set_fused("auto")
-
-
-def test_inside_torch_compile():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3), randomised("gelu", "vector", 1, torch.float32))
-    x = torch.randn(2, 3, 8, 8)
-    compiled = torch.compile(model)
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
-    compiled(x).sum().backward()
-    got = model[1].weight.grad.clone()
-    model.zero_grad()
-    model(x).sum().backward()
-    torch.testing.assert_close(got, model[1].weight.grad, rtol=1e-4, atol=1e-5)
 
 
 TRITON_CHECK = """
 import torch
-from dnrt.nn.kernels import raa_triton
-from dnrt.nn.raa import raa_backward, raa_forward
+from dnrt.nn.kernels import raa_math, raa_triton
 torch.manual_seed(0)
 for shape, dim in [((3, 5, 48), -1), ((2, 24, 3, 5), -3), ((7, 33), -1)]:
     for base in ("gelu", "relu"):
@@ -264,8 +163,8 @@ for shape, dim in [((3, 5, 48), -1), ((2, 24, 3, 5), -3), ((7, 33), -1)]:
         w, b = torch.randn(shape[dim]) * 0.3, torch.tensor(0.2)
         y, s = raa_triton.forward(x, w, b, dim, base)
         got = (y,) + raa_triton.backward(g, x, s, w, dim, base)
-        y2, s2 = raa_forward(x, w, b, dim, base)
-        want = (y2,) + raa_backward(g, x, s2, w, dim, base)
+        y2, s2 = raa_math.forward(x, w, b, dim, base)
+        want = (y2,) + raa_math.backward(g, x, s2, w, dim, base)
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e.reshape(a.shape), rtol=1e-5, atol=2e-5)
 print("triton kernels agree")
@@ -279,3 +178,52 @@ def test_triton_kernels_in_the_interpreter():
     done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "triton kernels agree" in done.stdout
+
+
+def wrapped(act):
+    return nn.Sequential(OrderedDict(act=act))
+
+
+@pytest.mark.parametrize("other,found", [
+    (dnrt.RAA(6, base="relu"), "RAA(base='relu', shift='vector', channel_dim=-1)"),
+    (dnrt.RAA(6, channel_dim=1), "RAA(base='gelu', shift='vector', channel_dim=1)"),
+])
+def test_a_state_of_another_kind_is_refused(other, found):
+    """Same parameter names and shapes, another activation: loading would silently change the model."""
+    state = wrapped(other).state_dict()
+    with pytest.raises(dnrt.DNRTError, match=rf"^act: the state is of {re.escape(found)}, this module is "
+                                             r"RAA\(base='gelu', shift='vector', channel_dim=-1\); build the model"):
+        wrapped(dnrt.RAA(6)).load_state_dict(state, strict=False)
+
+
+def test_a_state_of_the_same_kind_loads_and_round_trips(tmp_path):
+    saved = wrapped(randomised("relu", "scalar", 1, torch.float32))
+    torch.save(saved.state_dict(), tmp_path / "state.pth")
+    loaded = wrapped(dnrt.RAA(6, base="relu", shift="scalar", channel_dim=1))
+    loaded.load_state_dict(torch.load(tmp_path / "state.pth", weights_only=True))
+    assert loaded.act.bias.item() == saved.act.bias.item() != 0
+    assert loaded.act.kind.tolist() == [1, 1, 1]
+
+
+def test_a_state_saved_before_the_kind_loads_strictly_with_a_warning():
+    saved = randomised("gelu", "vector", -1, torch.float32)
+    state = saved.state_dict()
+    del state["kind"]
+    loaded = dnrt.RAA(6)
+    with pytest.warns(UserWarning, match=r"RAA: the saved RAA state does not say its kind \(saved by an older dnrt\); "
+                                         r"loaded as RAA\(base='gelu', shift='vector', channel_dim=-1\) unchecked"):
+        loaded.load_state_dict(state)
+    torch.testing.assert_close(loaded.weight, saved.weight)
+    with pytest.raises(RuntimeError, match="Missing key"):  # other missing keys still fail strict loading
+        dnrt.RAA(6).load_state_dict({"kind": state["weight"].new_tensor([0, 0, -1]).long()})
+
+
+def test_the_tools_gelu_based_resnet_state_does_not_load_into_a_converted_relu_based_one():
+    """The case of issue 10: ``act='raa'`` gives GELU-based RAAs, ``dnrt.convert`` ReLU-based ones, same names."""
+    from dnrt.tool.models import create_model
+
+    tool = create_model("resnet32_cifar", num_classes=10, act="raa")
+    converted = dnrt.convert(create_model("resnet32_cifar", num_classes=10), torch.randn(1, 3, 32, 32))
+    with pytest.raises(dnrt.DNRTError, match=r"^stem\.2: the state is of RAA\(base='gelu', shift='vector', "
+                                             r"channel_dim=1\), this module is RAA\(base='relu'"):
+        converted.load_state_dict(tool.state_dict())

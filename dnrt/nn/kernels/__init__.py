@@ -1,58 +1,121 @@
-"""The choice of kernels: hand-written Triton on CUDA, hand-written C++ or compiled math on request, or plain PyTorch.
+"""The one place for RAA's and the memory's kernels, and the choice among them.
 
-Eager PyTorch runs RAA's formulas as a dozen passes over the tensor where GELU is one kernel. On CUDA
-the Triton kernels of ``kernels.raa_triton`` make each direction a single pass. On the CPU ``set_fused(True)``
-runs the C++ kernels of ``kernels.raa_cpu`` where they apply (GELU base, vector shift, float32 features last)
-and otherwise compiles the very same math of ``raa.py`` with ``torch.compile``; both build on first use,
-then are cached on disk. Inside a ``torch.compile``'d model the plain functions run and the outer
-compiler fuses them.
+RAA (``raa``): the hand-written kernels run wherever they apply, the C++ ones of ``raa_cpu`` on the CPU
+(built on first use, then cached; a failed build warns once and falls back) and the Triton ones of
+``raa_triton`` on CUDA: through the PyTorch ops of ``raa_ops`` (``torch.ops.dnrt.raa_forward`` and
+``raa_backward``) where ``torch.compile`` or ``torch.export`` traces them, through one memory-efficient
+autograd Function eagerly; CUDA graphs capture either. Elsewhere, and under ``set_fused(False)``, the plain
+math of ``raa_math`` runs through that Function, which an outer ``torch.compile`` fuses.
 """
 from __future__ import annotations
 
 import functools
 import importlib
-from types import ModuleType
-from typing import Callable, Optional, Union
+from types import ModuleType, SimpleNamespace
+from typing import Optional, Union
 
 import torch
 
-from . import raa_cpu
+from . import raa_cpu, raa_math
+
+try:
+    from . import raa_ops
+except AttributeError:  # torch < 2.4 has no torch.library.custom_op: a compiler then traces the plain math
+    raa_ops = None
 
 _mode: Union[bool, str] = "auto"
 
 
-def set_fused(mode: Union[bool, str]) -> None:
-    """``"auto"`` (default): Triton kernels on CUDA; ``True``: also C++ or compiled kernels on the CPU and
-    other devices; ``False``: plain PyTorch."""
-    global _mode
-    if mode not in (True, False, "auto"):
-        raise ValueError(f"set_fused takes True, False or 'auto', got {mode!r}")
-    _mode = mode
+class set_fused:
+    """Choose RAA's kernels. ``"auto"`` (default): the hand-written ones wherever they apply (C++ on the CPU,
+    Triton on CUDA), plain PyTorch elsewhere; ``True``: also ``torch.compile`` of the plain math where none
+    applies; ``False``: plain PyTorch everywhere. A call, or a context manager that restores the mode before it
+    (``with dnrt.set_fused(False): ...``), as ``torch.set_grad_enabled``."""
+
+    def __init__(self, mode: Union[bool, str]) -> None:
+        global _mode
+        if mode not in (True, False, "auto"):
+            raise ValueError(f"set_fused takes True, False or 'auto', got {mode!r}")
+        self._previous, _mode = _mode, mode
+
+    def __enter__(self) -> "set_fused":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        global _mode
+        _mode = self._previous
 
 
 @functools.lru_cache(maxsize=None)
 def triton_module(name: str) -> Optional[ModuleType]:
-    """``dnrt.nn.<name>``, a module of Triton kernels, or None where Triton is not installed."""
+    """``dnrt.nn.kernels.<name>``, a module of Triton kernels, or None where Triton is not installed."""
     try:
         return importlib.import_module(f"{__package__}.{name}")
     except ImportError:
         return None
 
 
+@torch.compiler.assume_constant_result
+def _triton_features() -> int:
+    """The widest feature vector RAA's Triton kernels take, 0 without Triton; a constant to ``torch.compile``."""
+    module = triton_module("raa_triton")
+    return 0 if module is None else module.MAX_FEATURES
+
+
+def _kernel(x: torch.Tensor, w: Optional[torch.Tensor], base: str) -> Optional[str]:
+    """``"cpu"`` or ``"triton"`` where a hand-written kernel applies to ``x``, else None."""
+    if x.device.type == "cpu":
+        return "cpu" if raa_cpu.supports(x, w, base) and raa_cpu.available() else None
+    if x.is_cuda and w is not None and x.dtype in raa_math.KERNEL_DTYPES and w.numel() <= _triton_features():
+        return "triton"
+    return None
+
+
+def raa(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str) -> torch.Tensor:
+    """RAA of ``x`` (docs/method.md §1): ``w`` the shift's weights along ``dim`` (None: scalar shift ``b``),
+    ``base`` "gelu" or "relu"; by the fastest implementation that applies. A compiler or ``torch.export``
+    gets the ops of ``raa_ops``; eager calls run the same kernels through ``_RAAFunction``, which spares
+    the ops' Python dispatch (about 0.1 ms per forward and backward)."""
+    kernel = None if _mode is False else _kernel(x, w, base)
+    if torch.compiler.is_compiling():
+        if kernel is not None and raa_ops is not None:
+            return torch.ops.dnrt.raa_forward.default(x, w, b, dim, base)[0]
+        return _RAAFunction.apply(x, w, b, dim, base, "plain")
+    return _RAAFunction.apply(x, w, b, dim, base, kernel or ("compiled" if _mode is True else "plain"))
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn, fullgraph=True)
+def _compiled_math() -> SimpleNamespace:
+    """The plain math compiled by ``torch.compile``, for ``set_fused(True)`` where no kernel applies."""
+    return SimpleNamespace(forward=torch.compile(raa_math.forward, fullgraph=True),
+                           backward=torch.compile(raa_math.backward, fullgraph=True))
 
 
-def raa_kernels(x: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str, forward: Callable, backward: Callable):
-    """The (forward, backward) pair to run RAA on ``x``; ``forward``/``backward`` are the plain math."""
-    if _mode is False or torch.compiler.is_compiling():
-        return forward, backward
-    triton_kernels = triton_module("raa_triton") if x.is_cuda and w is not None and x.is_contiguous() else None
-    if triton_kernels is not None and w.numel() <= triton_kernels.MAX_FEATURES:
-        return triton_kernels.forward, triton_kernels.backward
-    if _mode is True:
-        if raa_cpu.supports(x, w, dim, base) and raa_cpu.available():
-            return raa_cpu.forward, raa_cpu.backward
-        return _compiled(forward), _compiled(backward)
-    return forward, backward
+def _implementation(name: str):
+    """The ``forward``/``backward`` pair named ``name``."""
+    if name == "plain":
+        return raa_math
+    if name == "cpu":
+        return raa_cpu
+    if name == "triton":
+        return triton_module("raa_triton")
+    return _compiled_math()
+
+
+class _RAAFunction(torch.autograd.Function):
+    """RAA by the implementation named in its last argument; saves ``x`` and ``s`` only, as the ops do."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str, name: str):
+        y, s = _implementation(name).forward(x, w, b, dim, base)
+        ctx.save_for_backward(x, s, w)
+        ctx.dim, ctx.base, ctx.name, ctx.b_like = dim, base, name, (b.dtype, b.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raa_math.check_first_order()
+        x, s, w = ctx.saved_tensors
+        grad_x, grad_w, grad_b = _implementation(ctx.name).backward(grad, x, s, w, ctx.dim, ctx.base)
+        grad_w = None if w is None else grad_w.to(w.dtype)
+        return grad_x, grad_w, grad_b.to(ctx.b_like[0]).reshape(ctx.b_like[1]), None, None, None

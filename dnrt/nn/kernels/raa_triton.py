@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .raa_math import KERNEL_DTYPES, shift_shape
+
 MAX_FEATURES = 8192
 
 
@@ -93,11 +95,17 @@ def _shape(x: torch.Tensor, dim: int):
     return x.numel() // C, C, inner
 
 
+def supports(x: torch.Tensor, w) -> bool:
+    """Whether the kernels cover ``x``: a vector shift of at most ``MAX_FEATURES`` and 16 or 32-bit floats."""
+    return w is not None and w.numel() <= MAX_FEATURES and x.dtype in KERNEL_DTYPES
+
+
 def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dim: int, base: str):
-    """Return ``(y, s)`` with ``s`` the float32 per-vector shift, shaped ``[M]``."""
+    """Return ``(y, s)`` with ``s`` the float32 per-vector shift, shaped as ``x`` with its feature dim of size 1."""
+    x = x.contiguous()
     M, C, inner = _shape(x, dim)
     y = torch.empty_like(x)
-    s = torch.empty(M, device=x.device, dtype=torch.float32)
+    s = torch.empty(shift_shape(x, w, dim), device=x.device, dtype=torch.float32)
     block_m, block_c, warps = _tiling(C)
     _forward_kernel[(triton.cdiv(M, block_m),)](x, w, b, y, s, M, C, inner, BLOCK_M=block_m, BLOCK_C=block_c,
                                                 GELU=base == "gelu", num_warps=warps)
@@ -106,6 +114,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dim: int, base: s
 
 def backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: torch.Tensor, dim: int, base: str):
     """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)``; the parameter gradients come back in float32."""
+    grad, x = grad.contiguous(), x.contiguous()
     M, C, inner = _shape(x, dim)
     dx = torch.empty_like(x)
     block_m, block_c, warps = _tiling(C)
