@@ -40,6 +40,11 @@ def model(request):
     return trained_looking(MODELS[request.param]())
 
 
+# Eager RAA runs the C++ kernels, whose sums and erf differ from the recorded formula in the last bits; through
+# a ResNet-18 that grows to about 6e-5 in the logits, so exports are compared at 1e-4.
+CLOSE = dict(rtol=1e-4, atol=1e-4)
+
+
 def eager(model, x):
     with torch.no_grad():
         return model(x)
@@ -50,13 +55,13 @@ def test_trace_save_load(model):
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.trace(model, x), buffer)
     buffer.seek(0)
-    torch.testing.assert_close(torch.jit.load(buffer)(x), eager(model, x))
+    torch.testing.assert_close(torch.jit.load(buffer)(x), eager(model, x), **CLOSE)
 
 
 def test_script(model):
     x = torch.randn(2, 3, 16, 16)
     scripted = torch.jit.script(model)
-    torch.testing.assert_close(scripted(x), eager(model, x))
+    torch.testing.assert_close(scripted(x), eager(model, x), **CLOSE)
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript", "onnx"])
@@ -66,7 +71,7 @@ def test_export_formats_at_another_batch_size(model, fmt, tmp_path):
         pytest.importorskip("onnxruntime")
     run = export_model(model, torch.randn(2, 3, 16, 16), fmt, tmp_path / f"model.{fmt}")
     x = torch.randn(5, 3, 16, 16)
-    torch.testing.assert_close(run(x), eager(model, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(x), eager(model, x), **CLOSE)
     assert [p.name for p in tmp_path.iterdir()] == [f"model.{fmt}"]  # no temporary file left
 
 
@@ -83,8 +88,8 @@ def test_width_dispatch_scripts():
     x = torch.randn(2, 3, 5, 5)
     model = trained_looking(dnrt.convert(TwoWidths(), x))
     assert isinstance(model.act, WidthDispatch)
-    torch.testing.assert_close(torch.jit.script(model)(x), eager(model, x))
-    torch.testing.assert_close(torch.jit.trace(model, x)(x), eager(model, x))
+    torch.testing.assert_close(torch.jit.script(model)(x), eager(model, x), **CLOSE)
+    torch.testing.assert_close(torch.jit.trace(model, x)(x), eager(model, x), **CLOSE)
 
 
 def test_dnrt_export_command(tmp_path, capsys):
@@ -101,7 +106,7 @@ def test_dnrt_export_command(tmp_path, capsys):
     trained, _, _ = load_run(checkpoint)
     x = torch.randn(4, 3, 8, 8)
     program = torch.export.load(str(tmp_path / "run" / "checkpoint.pt2")).module()
-    torch.testing.assert_close(program(x), eager(trained, x))
+    torch.testing.assert_close(program(x), eager(trained, x), **CLOSE)
     assert main(["export", "-r", str(tmp_path / "none.pth"), "--format", "onnx"]) == 1
     assert "error: checkpoint not found" in capsys.readouterr().err
     assert main(["export", "-r", str(checkpoint), "--format", "torchscript", "--out", str(checkpoint)]) == 1

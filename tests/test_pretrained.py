@@ -80,7 +80,8 @@ def test_dnrt_checkpoint_keeps_trained_raa(tmp_path, capsys):
     torch.save({"model": source.state_dict(), "optimizer": {}, "config": {}}, tmp_path / "checkpoint.pth")
     tuned = vit(act="raa", pretrained_file=str(tmp_path / "checkpoint.pth"))
     same_outputs(source, tuned, torch.randn(3, 1, 8, 8))
-    assert "loaded 4 more tensors into the converted activations" in capsys.readouterr().out
+    # two RAAs, each with its weight, bias and kind
+    assert "loaded 6 more tensors into the converted activations" in capsys.readouterr().out
 
 
 def test_library_weights_from_torchvision_cache(tmp_path, monkeypatch):
