@@ -81,13 +81,14 @@ def test_one_class_of_4096_samples(momentum, order):
 
 
 def test_threads_split_the_columns_and_stay_exact():
+    """1024 × 2100 is over twice the kernel's 2^20 elements per thread, so two threads take column ranges."""
     g = torch.Generator().manual_seed(6)
-    memory, exact = dnrt.ResponseMemory(4, 1100, 0.2), Sequential(4, 1100, 0.2, "reference", torch.float32)
+    memory, exact = dnrt.ResponseMemory(4, 2100, 0.2), Sequential(4, 2100, 0.2, "reference", torch.float32)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for _ in range(2):
-            x, y = torch.randn(64, 1100, generator=g), torch.randint(0, 4, (64,), generator=g)
+            x, y = torch.randn(1024, 2100, generator=g), torch.randint(0, 4, (1024,), generator=g)
             assert torch.equal(memory(x, y), exact(x, y))
     finally:
         torch.set_num_threads(threads)

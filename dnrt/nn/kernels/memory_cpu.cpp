@@ -21,7 +21,9 @@
 namespace {
 
 constexpr int64_t kBlock = 16;
-constexpr int64_t kGrainElements = 65536;  // below this much work per thread, threads cost more than they save
+// Below about a million elements per thread (ARR's 256 × 2304 update takes 0.1 ms on one core), waking ATen's
+// threads and their page faults on the fresh output cost more than they save: measured 0.27 vs 0.13 ms on 2 cores.
+constexpr int64_t kGrainElements = 1 << 20;
 
 template <typename T>
 void copy_row(T* dst, const T* src, int64_t n) {
