@@ -57,6 +57,8 @@ DEFAULTS: dict[str, Any] = {
     "print_freq": 50,
     "resume": None,
     "eval": False,
+    "overwrite": False,  # True: replace the run output_dir holds (else a run of another config there is refused)
+    "compile": False,  # True or a torch.compile mode name: compile the model and the loss
 }
 
 

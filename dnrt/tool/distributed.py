@@ -68,6 +68,15 @@ def reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every process (what rank 0 decided, e.g. about the run folder)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every process's `obj`, in rank order."""
     if not is_distributed():

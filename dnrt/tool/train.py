@@ -1,20 +1,19 @@
 """Training and evaluation, written like torchvision's references/classification/train.py: top to bottom."""
 from __future__ import annotations
 
-import json
 import math
 import random
+import signal
 import sys
+import threading
 import time
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -23,10 +22,11 @@ from tqdm import tqdm
 
 from dnrt.errors import DNRTError
 from dnrt.tool import distributed as D
-from dnrt.tool.checkpoint import load_checkpoint, save_checkpoint
-from dnrt.tool.config import jsonable
+from dnrt.tool import rundir as R
+from dnrt.tool.checkpoint import checkpoint_state, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
 from dnrt.tool.data import build_dataset, dataset_info
 from dnrt.tool.models import build_arr, create_model
+from dnrt.tool.schedule import build_optimizer, build_scheduler
 
 LOG_TEST_KEYS = ("test_loss", "test_acc1", "test_acc5")
 
@@ -88,44 +88,121 @@ def train_loader(cfg: dict, dataset: Dataset) -> tuple[DataLoader, DistributedSa
     return loader, sampler
 
 
-def train_one_epoch(model: nn.Module, arr: Any, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The gradients' total L2 norm as a device tensor, clipped to max_norm when set (clip_grad_norm_ returns it)."""
+    if max_norm:
+        return nn.utils.clip_grad_norm_(params, max_norm)
+    return nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def step_if(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], ok: torch.Tensor) -> None:
+    """optimizer.step(), its result kept only where the device flag `ok` holds (torch.where): a step whose loss or
+    gradient is non-finite never lands in the weights, and deciding it needs no host sync."""
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    with torch.no_grad():
+        for p, old in zip(params, before):
+            p.copy_(torch.where(ok, p, old))
+
+
+class NonFinite(DNRTError):
+    """A non-finite loss or gradient norm stopped the run; train() adds which checkpoint is still good."""
+
+
+class Clock:
+    """Time left for the whole run, from the iterations done since it started (evaluations included)."""
+
+    def __init__(self, iterations: int) -> None:
+        self.start, self.done, self.total = time.time(), 0, iterations
+
+    def tick(self) -> None:
+        self.done += 1
+
+    def eta(self) -> str:
+        left = (time.time() - self.start) / max(self.done, 1) * (self.total - self.done)
+        return time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86_400 else f"{left / 86_400:.1f} days"
+
+
+STATS = 5  # the device sums of one epoch: total loss·n, ce·n, arr·n, n, fp16 steps the scaler skipped
+
+
+def train_one_epoch(model: nn.Module, arr: Any, loss_fn: Callable, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: torch.amp.GradScaler, autocast: Callable, loader: DataLoader, device: torch.device,
-                    epoch: int, cfg: dict) -> dict[str, float]:
-    """One pass over the training set; returns the mean total, cross-entropy and ARR losses over all processes."""
+                    epoch: int, cfg: dict, clock: Clock | None = None) -> dict[str, float]:
+    """One pass over the training set; returns the mean total, cross-entropy and ARR losses over all processes,
+    images/s and, with fp16's GradScaler, the steps it skipped. Losses and the non-finite checks stay on the device
+    and are read once every print_freq iterations and at the end: no host sync per step."""
     model.train()
     if arr is not None:
         arr.train()
-    sums = np.zeros(4)  # total loss, ce, arr, samples
+    clock = clock or Clock(len(loader))
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = torch.zeros(STATS, dtype=torch.float64, device=device)
+    first_bad = torch.full((2,), -1, dtype=torch.long, device=device)  # iteration of the first bad loss, grad norm
+    start = read_at = time.time()
+    seen = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=not D.is_main_process() or not sys.stderr.isatty(),
                dynamic_ncols=True, leave=False)
     for i, (images, targets) in enumerate(bar):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast():
-            logits = model(images)
-            ce = criterion(logits, targets)
-            reg = arr.loss(targets) if arr is not None else torch.zeros((), device=device)
+            ce, reg = loss_fn(images, targets)
             loss = ce + reg
-        if not math.isfinite(loss.item()):
-            raise DNRTError(f"loss is {loss.item()} at epoch {epoch}, iteration {i}; lower lr or check the data")
-
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if cfg["clip_max_norm"]:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_max_norm"])
-        scaler.step(optimizer)
-        scaler.update()
+        scaler.unscale_(optimizer)
+        norm = grad_norm(params, cfg["clip_max_norm"])
+        bad = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(norm)])
+        if scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed, by design; count them
+            stats[4] += bad[1]
+            bad[1] = False
+        first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            step_if(optimizer, params, (first_bad < 0).all())
         scheduler.step_update(epoch * len(loader) + i + 1)
-
         n = images.shape[0]
-        sums += (loss.item() * n, ce.item() * n, reg.item() * n, n)
-        if (i + 1) % cfg["print_freq"] == 0:
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            if bar.disable and D.is_main_process():
-                print(f"epoch {epoch} [{i + 1}/{len(loader)}] loss {loss.item():.4f} lr {lr:.2e}", flush=True)
-    total, ce, reg, n = D.reduce_sum(sums.tolist(), device)
-    return {"train_loss": total / n, "train_ce": ce / n, "train_arr": reg / n}
+        stats[:3] += torch.stack([t.detach().double() for t in (loss, ce, reg)]) * n
+        stats[3] += n
+        clock.tick()
+        if (i + 1) % cfg["print_freq"] == 0 or i + 1 == len(loader):
+            values = torch.cat([stats, first_bad.double()]).tolist()  # the one read of this stretch
+            check_finite(values[STATS:], epoch)
+            if (i + 1) % cfg["print_freq"] == 0:
+                seen = report(bar, values, optimizer, epoch, i, len(loader), seen, time.time() - read_at, clock)
+                read_at = time.time()
+    elapsed = time.time() - start
+    total, ce, reg, n, skipped = D.reduce_sum(values[:STATS], device)
+    result = {"train_loss": total / n, "train_ce": ce / n, "train_arr": reg / n,
+              "images_per_s": n / elapsed if elapsed > 0 else None}
+    if scaler.is_enabled():
+        result["skipped_steps"] = int(skipped)
+    return result
+
+
+def check_finite(first_bad: list[float], epoch: int) -> None:
+    """Stop the run when a loss or gradient norm was non-finite (its step was not applied)."""
+    loss_at, norm_at = (int(v) for v in first_bad)
+    if loss_at >= 0 or norm_at >= 0:
+        what, at = ("loss", loss_at) if loss_at >= 0 and (norm_at < 0 or loss_at <= norm_at) else ("gradient norm",
+                                                                                                    norm_at)
+        raise NonFinite(f"non-finite {what} at epoch {epoch}, iteration {at}: that update was not applied and "
+                        f"training stopped (lower lr, set clip_max_norm, or check the data)")
+
+
+def report(bar: tqdm, values: list[float], optimizer: torch.optim.Optimizer, epoch: int, i: int, iterations: int,
+           seen: int, seconds: float, clock: Clock) -> int:
+    """The progress bar's (or, off a terminal, one line's) loss so far, lr, images/s and time left for the run."""
+    n = int(values[3])
+    rate = (n - seen) * D.get_world_size() / seconds if seconds > 0 else 0.0
+    loss, lr, eta = values[0] / n, optimizer.param_groups[0]["lr"], clock.eta()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", eta=eta)
+    if bar.disable and D.is_main_process():
+        print(f"epoch {epoch} [{i + 1}/{iterations}] loss {loss:.4f} lr {lr:.2e} {rate:.0f} img/s, run ends in {eta}",
+              flush=True)
+    return n
 
 
 @torch.no_grad()
@@ -170,50 +247,146 @@ def classification_metrics(pred: np.ndarray, true: np.ndarray, in_top5: np.ndarr
     return metrics
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def trim_log(path: Path, start_epoch: int) -> None:
-    """Keep the log lines of epochs before `start_epoch`: a fresh run starts a fresh log, a resumed one continues it."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["epoch"] < start_epoch]
-        path.write_text("".join(line + "\n" for line in kept))
+def make_loss(model: nn.Module, arr: Any, criterion: nn.Module, compile_mode: bool | str) -> Callable:
+    """(images, targets) -> (cross-entropy, ARR term) of one batch; compiled with torch.compile when `compile_mode`
+    is True or one of its mode names."""
+    def loss_fn(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        ce = criterion(logits, targets)
+        return ce, arr.loss(targets) if arr is not None else torch.zeros_like(ce)
+
+    if compile_mode is False or compile_mode is None:
+        return loss_fn
+    if compile_mode is not True and compile_mode not in COMPILE_MODES:
+        raise DNRTError(f"compile must be False, True or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                        f"got {compile_mode!r}")
+    return torch.compile(loss_fn, mode=None if compile_mode is True else compile_mode)
 
 
-def checkpoint_state(model: nn.Module, arr: Any, optimizer, scheduler, scaler, epoch: int, best_acc1: float,
-                     cfg: dict, args: dict) -> dict[str, Any]:
-    """Everything a resume needs, as plain types and tensors (loadable with weights_only=True)."""
-    return {"model": model.state_dict(), "arr": arr.state_dict() if arr is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "best_acc1": best_acc1, "config": jsonable(cfg), "model_args": dict(args)}
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT ended the run; the CLI prints the message and exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
 
 
-def load_weights(state: dict, model: nn.Module, arr: Any, path: str) -> None:
-    """Model weights and, with ARR on, its memories from a checkpoint."""
+class SignalStop:
+    """Turn SIGTERM (what schedulers send before preemption) and SIGINT into Stopped, held back while an epoch's files
+    are written, so the run ends with its last finished epoch saved whole."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.holding = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalStop":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.pending = signum
+        if not self.holding:
+            self._raise()
+
+    def _raise(self) -> None:
+        raise Stopped(signal.Signals(self.pending).name, self.pending)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Delay a signal that arrives inside the block to its end."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            self._raise()
+
+
+def saved_state(out: Path, done: int) -> str:
+    """Which checkpoint is still good, for the line that ends a stopped or failed run."""
+    if done == 0:
+        return f"no epoch had finished, so {out} holds no checkpoint"
+    return f"{out / R.LATEST} holds the {done} finished epoch{'s' if done > 1 else ''} and is good"
+
+
+def resume_point(state: dict, cfg: dict, path: str) -> tuple[int, list[dict]]:
+    """The epoch a resume starts at and the config's `resumes` list with this resume appended; refuses a config
+    that changes the result (anything but the neutral keys and a larger `epochs`) or leaves nothing to train."""
+    saved = state.get("config") or {}
+    changes = R.result_changes(saved, cfg)
+    if changes:
+        raise DNRTError(f"checkpoint {path} was trained with another config ({R.describe(changes)}); a resume may "
+                        f"change only {', '.join(R.NEUTRAL_KEYS)} and increase epochs; train anew in another "
+                        f"output_dir for other settings")
+    done = state["epoch"] + 1
+    if done >= cfg["epochs"]:
+        raise DNRTError(f"checkpoint {path} has {done} finished epochs and epochs is {cfg['epochs']}: nothing to "
+                        f"train; give --epochs larger than {done} to train it on")
+    changed = {k: [old, new] for k, (old, new) in R.changed_keys(saved, cfg).items()}
+    return done, [*state.get("resumes", []), {"epoch": done, "checkpoint": str(path), "changed": changed}]
+
+
+def start_files(out: Path, cfg: dict, resumes: list[dict], start_epoch: int) -> None:
+    """Prepare output_dir: remove a killed process's temporary files, write config.json, keep the finished epochs'
+    log lines."""
+    R.usable_folder(out)
     try:
-        model.load_state_dict(state["model"])
-        if arr is not None:
-            if state.get("arr") is None:
-                raise DNRTError(f"checkpoint {path} holds no ARR memory; set criterion='ce' to use it")
-            arr.load_state_dict(state["arr"])
-    except RuntimeError as e:
-        raise DNRTError(f"checkpoint {path} does not fit this model/config: {str(e).splitlines()[0]}") from None
+        R.remove_temp_files(out)
+        R.write_config(out, cfg, resumes)
+        R.start_log(out, start_epoch)
+    except OSError as e:
+        raise DNRTError(f"cannot write to output_dir {out}: {e.strerror or e}") from None
+
+
+def save_epoch(out: Path, log: dict, state: dict, names: list[str], done: int) -> None:
+    """The epoch's log line, then its checkpoints, checkpoint.pth last (a run killed in between redoes the epoch).
+    Non-finite weights are never written; a write that fails says which checkpoint is still good."""
+    bad = non_finite_tensors(state["model"]) + non_finite_tensors(state["arr"])
+    if bad:
+        raise DNRTError(f"the weights became non-finite in epoch {log['epoch']} ({', '.join(bad[:3])}); not saved; "
+                        f"{saved_state(out, done)}")
+    path = out / R.LOG
+    try:
+        R.append_log(out, log)
+        for name in names:
+            path = out / name
+            save_checkpoint(state, path)
+    except OSError as e:
+        raise DNRTError(f"cannot write {path}: {e.strerror or e}; {saved_state(out, done)}") from None
 
 
 def train(cfg: dict) -> dict[str, Any]:
-    """Train for cfg['epochs'] epochs (resuming from cfg['resume']), writing the run directory; returns final
-    metrics."""
+    """Train for cfg['epochs'] epochs in cfg['output_dir'] (continuing the unfinished run there, or resuming from
+    cfg['resume']), writing the run directory; returns final metrics."""
     device = D.select_device(cfg["device"])
     D.init_distributed(device)
     try:
-        return _train(cfg, device)
+        with SignalStop() as signals:
+            return _train(cfg, device, signals)
     finally:
         D.cleanup()
 
 
-def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
+def _train(cfg: dict, device: torch.device, signals: SignalStop) -> dict[str, Any]:
+    out = Path(cfg["output_dir"])
+    main = D.is_main_process()
+    plan = D.broadcast_object(R.plan_run(cfg) if main else None)
+    if plan.message:
+        print_main(plan.message)
+    if plan.action == "finished":
+        return {"best_acc1": R.best_and_last(R.read_log(out))[0], "output_dir": str(out), "finished_before": True}
     seed_everything(cfg["seed"])
     args = model_args(cfg)
     train_set, test_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
@@ -234,65 +407,70 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     try:
-        optimizer = create_optimizer_v2(model_without_ddp, opt=cfg["optimizer"], lr=cfg["lr"],
-                                        weight_decay=cfg["weight_decay"], momentum=cfg["momentum"])
-        scheduler, _ = create_scheduler_v2(optimizer, sched=cfg["scheduler"], num_epochs=cfg["epochs"],
-                                           warmup_epochs=cfg["warmup_epochs"], warmup_lr=cfg["warmup_lr"],
-                                           min_lr=cfg["min_lr"], step_on_epochs=False, updates_per_epoch=len(loader))
+        optimizer = build_optimizer(cfg, model_without_ddp)
+        scheduler = build_scheduler(cfg, optimizer, len(loader))
     except (ValueError, AssertionError) as e:
         raise DNRTError(f"optimizer/scheduler: {e}") from None
     autocast, scaler = mixed_precision(cfg, device)
-    criterion = nn.CrossEntropyLoss()
+    loss_fn = make_loss(model, arr, nn.CrossEntropyLoss(), cfg["compile"])
 
-    start_epoch, best_acc1 = 0, 0.0
-    if cfg["resume"]:
-        state = load_checkpoint(cfg["resume"], map_location=device)
-        load_weights(state, model_without_ddp, arr, cfg["resume"])
+    start_epoch, best_acc1, resumes = 0, 0.0, []
+    if plan.checkpoint:
+        state = load_checkpoint(plan.checkpoint, map_location=device)
+        start_epoch, resumes = resume_point(state, cfg, plan.checkpoint)
+        load_weights(state, model_without_ddp, arr, plan.checkpoint)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, best_acc1 = state["epoch"] + 1, state["best_acc1"]
-        print_main(f"resumed from {cfg['resume']} at epoch {start_epoch}")
-
-    out = Path(cfg["output_dir"])
-    main = D.is_main_process()
+        scheduler.step_update(start_epoch * len(loader))  # the schedule of this run's length at the resume point
+        best_acc1 = state["best_acc1"]
+        if not plan.message:
+            print_main(f"resumed from {plan.checkpoint} at epoch {start_epoch}")
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg)
-        trim_log(out / "log.txt", start_epoch)
+        start_files(out, cfg, resumes, start_epoch)
+    D.barrier()
     writer = SummaryWriter(str(out / "tensorboard")) if main else None
     log: dict[str, Any] = {}
     print_main(f"training {start_epoch} -> {cfg['epochs']} epochs, {len(loader)} iterations each, output in {out}")
-    for epoch in range(start_epoch, cfg["epochs"]):
-        seed_everything(epoch_seed(cfg, epoch))
-        sampler.set_epoch(epoch)
-        start = time.time()
-        train_stats = train_one_epoch(model, arr, criterion, optimizer, scheduler, scaler, autocast, loader, device,
-                                      epoch, cfg)
-        log = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **train_stats}
-        last = epoch + 1 == cfg["epochs"]
-        if (epoch + 1) % cfg["eval_interval"] == 0 or last:
-            metrics = evaluate(model_without_ddp, arr, val_loader, device, autocast, args["num_classes"])
-            log.update(test_loss=metrics["loss"], test_acc1=metrics["acc1"], test_acc5=metrics["acc5"])
-        log.update(epoch_time=time.time() - start, n_parameters=n_parameters)
-
-        improved = "test_acc1" in log and (log["test_acc1"] > best_acc1 or not (out / "checkpoint_best.pth").exists())
-        best_acc1 = max(best_acc1, log.get("test_acc1", 0.0))
-        if main:
-            state = checkpoint_state(model_without_ddp, arr, optimizer, scheduler, scaler, epoch, best_acc1, cfg, args)
-            save_checkpoint(state, out / "checkpoint.pth")
+    clock = Clock((cfg["epochs"] - start_epoch) * len(loader))
+    done = epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            seed_everything(epoch_seed(cfg, epoch))
+            sampler.set_epoch(epoch)
+            start = time.time()
+            train_stats = train_one_epoch(model, arr, loss_fn, optimizer, scheduler, scaler, autocast, loader,
+                                          device, epoch, cfg, clock)
+            log = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **train_stats}
+            last = epoch + 1 == cfg["epochs"]
+            if (epoch + 1) % cfg["eval_interval"] == 0 or last:
+                metrics = evaluate(model_without_ddp, arr, val_loader, device, autocast, args["num_classes"])
+                log.update(test_loss=metrics["loss"], test_acc1=metrics["acc1"], test_acc5=metrics["acc5"])
+            log.update(epoch_time=time.time() - start, n_parameters=n_parameters)
+            evaluated = "test_acc1" in log and all(math.isfinite(log[k]) for k in LOG_TEST_KEYS)
+            improved = evaluated and (log["test_acc1"] > best_acc1 or not (out / R.BEST).exists())
             if improved:
-                save_checkpoint(state, out / "checkpoint_best.pth")
-            if (epoch + 1) % cfg["save_interval"] == 0 or last:
-                save_checkpoint(state, out / f"checkpoint_{epoch:04d}.pth")
-            with open(out / "log.txt", "a") as f:
-                f.write(json.dumps(log) + "\n")
-            for key, value in log.items():
-                writer.add_scalar(key, value, epoch)
-            print(epoch_summary(log, cfg["epochs"]), flush=True)
-        D.barrier()
-    if writer is not None:
-        writer.close()
+                best_acc1 = log["test_acc1"]
+            with signals.hold():
+                if main:
+                    state = checkpoint_state(model_without_ddp, arr, optimizer, scaler, epoch, best_acc1, cfg, args,
+                                             resumes)
+                    names = [R.BEST] * improved + [R.numbered(epoch)] * ((epoch + 1) % cfg["save_interval"] == 0
+                                                                         or last) + [R.LATEST]
+                    save_epoch(out, log, state, names, done)
+                    for key, value in log.items():
+                        if isinstance(value, (int, float)):
+                            writer.add_scalar(key, value, epoch)
+                    print(epoch_summary(log, cfg["epochs"]), flush=True)
+                done = epoch + 1
+            D.barrier()
+    except Stopped as e:
+        raise Stopped(f"stopped by {e} in epoch {epoch}: {saved_state(out, done)}; the same command continues "
+                      f"the run", e.signum) from None
+    except NonFinite as e:
+        raise DNRTError(f"{e}; {saved_state(out, done)}") from None
+    finally:
+        if writer is not None:
+            writer.close()
     return {**log, "best_acc1": best_acc1, "output_dir": str(out)}
 
 
@@ -304,8 +482,10 @@ def print_main(message: str) -> None:
 def epoch_summary(log: dict, epochs: int) -> str:
     """One line per epoch on the console."""
     test = "".join(f"  {k} {log[k]:.4f}" for k in LOG_TEST_KEYS if k in log)
+    rate = f", {log['images_per_s']:.0f} img/s" if log.get("images_per_s") else ""
+    skipped = f", {log['skipped_steps']} fp16 steps skipped" if log.get("skipped_steps") else ""
     return (f"epoch {log['epoch'] + 1}/{epochs}  lr {log['lr']:.2e}  train_loss {log['train_loss']:.4f} "
-            f"(ce {log['train_ce']:.4f}, arr {log['train_arr']:.4f}){test}  {log['epoch_time']:.1f}s")
+            f"(ce {log['train_ce']:.4f}, arr {log['train_arr']:.4f}){test}  {log['epoch_time']:.1f}s{rate}{skipped}")
 
 
 def evaluate_checkpoint(cfg: dict, checkpoint: str) -> dict[str, Any]:
@@ -322,10 +502,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str) -> dict[str, Any]:
                            args["num_classes"])
         metrics = {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), **metrics}
         if D.is_main_process():
-            out = Path(cfg["output_dir"])
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "eval.json", metrics)
-            print(eval_summary(metrics, out / "eval.json"), flush=True)
+            print(eval_summary(metrics, R.write_eval(cfg["output_dir"], metrics)), flush=True)
         return metrics
     finally:
         D.cleanup()
