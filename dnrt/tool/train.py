@@ -324,16 +324,15 @@ def saved_state(out: Path, done: int) -> str:
 def resume_point(state: dict, cfg: dict, path: str) -> tuple[int, list[dict]]:
     """The epoch a resume starts at and the config's `resumes` list with this resume appended; refuses a config
     that changes the result (anything but the neutral keys and a larger `epochs`) or leaves nothing to train."""
-    saved = state.get("config") or {}
+    saved, done = state.get("config") or {}, state["epoch"] + 1
+    if done >= cfg["epochs"]:
+        raise DNRTError(f"checkpoint {path} has {done} finished epochs and epochs is {cfg['epochs']}: nothing to "
+                        f"train; give --epochs larger than {done} to train it on")
     changes = R.result_changes(saved, cfg)
     if changes:
         raise DNRTError(f"checkpoint {path} was trained with another config ({R.describe(changes)}); a resume may "
                         f"change only {', '.join(R.NEUTRAL_KEYS)} and increase epochs; train anew in another "
                         f"output_dir for other settings")
-    done = state["epoch"] + 1
-    if done >= cfg["epochs"]:
-        raise DNRTError(f"checkpoint {path} has {done} finished epochs and epochs is {cfg['epochs']}: nothing to "
-                        f"train; give --epochs larger than {done} to train it on")
     changed = {k: [old, new] for k, (old, new) in R.changed_keys(saved, cfg).items()}
     return done, [*state.get("resumes", []), {"epoch": done, "checkpoint": str(path), "changed": changed}]
 
@@ -432,7 +431,7 @@ def _train(cfg: dict, device: torch.device, signals: SignalStop) -> dict[str, An
     log: dict[str, Any] = {}
     print_main(f"training {start_epoch} -> {cfg['epochs']} epochs, {len(loader)} iterations each, output in {out}")
     clock = Clock((cfg["epochs"] - start_epoch) * len(loader))
-    done = epoch = start_epoch
+    done = start_epoch
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             seed_everything(epoch_seed(cfg, epoch))
@@ -464,8 +463,8 @@ def _train(cfg: dict, device: torch.device, signals: SignalStop) -> dict[str, An
                 done = epoch + 1
             D.barrier()
     except Stopped as e:
-        raise Stopped(f"stopped by {e} in epoch {epoch}: {saved_state(out, done)}; the same command continues "
-                      f"the run", e.signum) from None
+        raise Stopped(f"stopped by {e}: {saved_state(out, done)}; the same command continues the run",
+                      e.signum) from None
     except NonFinite as e:
         raise DNRTError(f"{e}; {saved_state(out, done)}") from None
     finally:
