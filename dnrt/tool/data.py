@@ -186,7 +186,7 @@ def dataset_info(cfg: dict) -> dict[str, int]:
     spec, _ = _spec(cfg["dataset"])
     num_classes = spec.num_classes
     if num_classes is None:
-        train = Path(cfg["data_root"]).expanduser() / "train"
+        train = data_root(cfg) / "train"
         if not train.is_dir():
             raise DNRTError(f"dataset folder: {train} not found; "
                             f"expected train/<class>/<image> and val/<class>/<image>")

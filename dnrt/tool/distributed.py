@@ -52,7 +52,19 @@ def init_distributed(device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def attempt_store() -> dist.Store:
+    """torchrun's store, under a prefix of its own per restart attempt: after `--max-restarts` restarts the workers,
+    Gloo reads the addresses the killed attempt left in the store and fails to connect (torch 2.14.1; see
+    tests/gloo_restart_demo.py), so each attempt keys its rendezvous apart."""
+    rank = int(os.environ["RANK"])
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=rank == 0 and not hosted_by_agent)
+    return dist.PrefixStore(f"dnrt/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:
