@@ -116,6 +116,7 @@ def test_more_epochs_follow_the_schedule_of_a_fresh_run_of_that_length(tmp_path,
     assert main_py(["-c", str(config), "--output_dir", str(fresh), "--epochs", "3"]) == 0
     assert main_py(["-c", str(config), "--output_dir", str(grown)]) == 0
     first = (grown / "log.txt").read_text()
+    (grown / ".checkpoint.pth.x1y2.tmp").write_bytes(b"left by a killed process")
     capsys.readouterr()
     assert main_py(["-c", str(config), "--output_dir", str(grown), "--epochs", "3", "--print_freq", "4"]) == 0
     out = capsys.readouterr().out
@@ -128,6 +129,7 @@ def test_more_epochs_follow_the_schedule_of_a_fresh_run_of_that_length(tmp_path,
     assert rows[1]["lr"] == reference[1]["lr"] and rows[1]["lr"] > 2e-4  # the 3-epoch cosine at 2/3, not min_lr
     assert rows[2]["lr"] == reference[2]["lr"]
     assert all(r["images_per_s"] > 0 for r in rows)
+    assert not (grown / ".checkpoint.pth.x1y2.tmp").exists()  # a killed process's temporary file, removed
     saved = json.loads((grown / "config.json").read_text())
     assert saved["epochs"] == 3
     assert saved["resumes"] == [{"epoch": 1, "checkpoint": str(grown / "checkpoint.pth"),
@@ -201,3 +203,30 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         rundir.atomic_write(path, fail)
     assert json.loads(path.read_text()) == {"a": None, "b": [None, 1.5]}
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_waits_for_the_epochs_files(signum):
+    from dnrt.tool.train import SignalStop, Stopped
+
+    written = []
+    with SignalStop() as signals:
+        with pytest.raises(Stopped) as stopped:
+            with signals.hold():
+                os.kill(os.getpid(), signum)
+                written.append("checkpoint.pth")  # still runs: the signal waits for the end of the block
+        assert written == ["checkpoint.pth"] and stopped.value.exit_code == 128 + signum
+        with pytest.raises(Stopped):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler raises at once, outside `hold`
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_unwritable_output_dir_names_it(finished, tmp_path, capsys, monkeypatch):
+    config, _ = finished
+
+    def refuse(*args):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(rundir, "write_config", refuse)
+    assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "run")]) == 1
+    assert capsys.readouterr().err.strip() == f"error: cannot write to output_dir {tmp_path / 'run'}: Permission denied"
