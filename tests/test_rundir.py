@@ -230,3 +230,22 @@ def test_unwritable_output_dir_names_it(finished, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(rundir, "write_config", refuse)
     assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err.strip() == f"error: cannot write to output_dir {tmp_path / 'run'}: Permission denied"
+
+
+def test_graph_runs_share_the_run_folder_rules(tmp_path, capsys):
+    pytest.importorskip("torch_geometric")
+    from dnrt.tool import graph
+    from dnrt.tool.config import resolve
+
+    cfg = resolve(dict(dataset="karate", model="sage", act="raa", criterion="arr", epochs=3, lr=0.01,
+                       optimizer="adam", weight_decay=0.0, device="cpu", output_dir=str(tmp_path / "run"),
+                       model_kwargs={"hidden": 8, "num_layers": 2, "dropout": 0.0}))
+    summary = graph.train_graph(cfg)
+    before = snapshot(tmp_path / "run")
+    capsys.readouterr()
+    assert graph.train_graph(cfg) == summary
+    assert "holds a finished run of this config (3 epochs)" in capsys.readouterr().out
+    assert snapshot(tmp_path / "run") == before
+    with pytest.raises(rundir.DNRTError, match=r"holds a run of another config \(lr: 0.01 -> 0.1\)"):
+        graph.train_graph({**cfg, "lr": 0.1})
+    assert len(strict_rows(tmp_path / "run")) == 3

@@ -144,7 +144,8 @@ def test_eval_of_a_non_finite_checkpoint_is_an_error(tiny_run, tmp_path, capsys)
     bad = tmp_path / "bad.pth"
     torch.save(state, bad)
     assert main(["eval", "-r", str(bad), "--output_dir", str(tmp_path / "eval")]) == 1
-    assert capsys.readouterr().err.strip() == f"error: checkpoint {bad} holds non-finite weights in 1 tensors (head.bias)"
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: checkpoint {bad} holds non-finite weights in 1 tensors (head.bias)"
     assert not (tmp_path / "eval" / "eval.json").exists()
 
 

@@ -58,7 +58,7 @@ def init_distributed(device: torch.device) -> None:
 
 def attempt_store() -> dist.Store:
     """torchrun's store, under a prefix of its own per restart attempt: after `--max-restarts` restarts the workers,
-    Gloo reads the addresses the killed attempt left in the store and fails to connect (torch 2.14.1; see
+    Gloo can read the keys the killed attempt left in the store and fail to connect or hang (torch 2.14.1; see
     tests/gloo_restart_demo.py), so each attempt keys its rendezvous apart."""
     rank = int(os.environ["RANK"])
     hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"

@@ -300,7 +300,8 @@ class SignalStop:
             self._raise()
 
     def _raise(self) -> None:
-        raise Stopped(signal.Signals(self.pending).name, self.pending)
+        name = signal.Signals(self.pending).name
+        raise Stopped(f"stopped by {name}; the same command continues the run", self.pending)
 
     @contextmanager
     def hold(self) -> Iterator[None]:
@@ -463,7 +464,8 @@ def _train(cfg: dict, device: torch.device, signals: SignalStop) -> dict[str, An
                 done = epoch + 1
             D.barrier()
     except Stopped as e:
-        raise Stopped(f"stopped by {e}: {saved_state(out, done)}; the same command continues the run",
+        name = signal.Signals(e.signum).name
+        raise Stopped(f"stopped by {name}: {saved_state(out, done)}; the same command continues the run",
                       e.signum) from None
     except NonFinite as e:
         raise DNRTError(f"{e}; {saved_state(out, done)}") from None
