@@ -137,6 +137,27 @@ def test_best_checkpoint_only_replaced_by_a_finite_better_evaluation(config, tmp
     assert best["epoch"] == 0 and best["best_acc1"] == rows[0]["test_acc1"]
 
 
+def test_non_finite_weights_are_never_saved(config, tmp_path, capsys, monkeypatch):
+    """Weights that became non-finite by another way than an update (here set by hand after epoch 1's training)."""
+    one_epoch = T.train_one_epoch
+
+    def poison_epoch_1(model, *args, **kwargs):
+        stats = one_epoch(model, *args, **kwargs)
+        if args[8] == 1:
+            with torch.no_grad():
+                model.head.weight[0, 0] = float("nan")
+        return stats
+
+    monkeypatch.setattr(T, "train_one_epoch", poison_epoch_1)
+    run = tmp_path / "run"
+    assert main_py(["-c", str(config), "--output_dir", str(run)]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: the weights became non-finite in epoch 1 (head.weight); not "
+                                               f"saved; {run / 'checkpoint.pth'} holds the 1 finished epoch and is "
+                                               f"good")
+    assert all(all_finite(path) for path in run.glob("*.pth"))
+    assert torch.load(run / "checkpoint_best.pth", weights_only=True)["epoch"] == 0
+
+
 def test_eval_of_a_non_finite_checkpoint_is_an_error(tiny_run, tmp_path, capsys):
     _, run = tiny_run
     state = torch.load(run / "checkpoint.pth", weights_only=True)

@@ -373,7 +373,7 @@ def check_same_settings(run_dir: Path, cfg: dict) -> None:
 
 def result(run_dir: Path) -> Optional[float]:
     """A run's reported number: test top-1 of the best epoch, or the test metric at the best validation one."""
-    rows = [r for r in read_log(run_dir) if "test_acc1" in r]
+    rows = [r for r in read_log(run_dir) if r.get("test_acc1") is not None]
     if not rows:
         return None
     if all("valid_acc1" in r for r in rows):
