@@ -248,4 +248,6 @@ def test_graph_runs_share_the_run_folder_rules(tmp_path, capsys):
     assert snapshot(tmp_path / "run") == before
     with pytest.raises(rundir.DNRTError, match=r"holds a run of another config \(lr: 0.01 -> 0.1\)"):
         graph.train_graph({**cfg, "lr": 0.1})
+    with pytest.raises(rundir.DNRTError, match=r"holds a run of another config \(epochs: 3 -> 5\)"):
+        graph.train_graph({**cfg, "epochs": 5})  # graph runs keep no checkpoint: more epochs would start anew
     assert len(strict_rows(tmp_path / "run")) == 3

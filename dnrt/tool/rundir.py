@@ -235,7 +235,8 @@ def plan_run(cfg: dict[str, Any], resumable: bool = True) -> Plan:
     - `--overwrite True`: delete the old run's files, start afresh;
     - a run of another config: refuse, naming the keys that differ;
     - a finished run of this config: report its best and last top-1, change nothing;
-    - an unfinished one: continue from checkpoint.pth (`resumable`, i.e. runs that write checkpoints), else anew.
+    - an unfinished one: continue from checkpoint.pth (`resumable`, i.e. runs that write checkpoints), else anew;
+      without checkpoints a larger `epochs` is another config too (the run would start anew).
     An explicit -r checkpoint is kept: train() checks it against the config.
     """
     from dnrt.tool.checkpoint import load_checkpoint
@@ -257,7 +258,7 @@ def plan_run(cfg: dict[str, Any], resumable: bool = True) -> Plan:
         done = len(read_log(out)) if not resumable else 0
     else:
         return Plan("resume", cfg["resume"]) if cfg["resume"] else Plan("fresh")
-    changes = result_changes(saved, cfg)
+    changes = result_changes(saved, cfg) if resumable else changed_keys(saved, cfg, NEUTRAL_KEYS)
     if changes:
         raise DNRTError(f"{out} holds a run of another config ({describe(changes)}); choose another output_dir, "
                         f"or give --overwrite True to replace that run")
@@ -265,9 +266,10 @@ def plan_run(cfg: dict[str, Any], resumable: bool = True) -> Plan:
         return Plan("resume", cfg["resume"])
     if done >= cfg["epochs"]:
         best, last = best_and_last(read_log(out))
+        more = "more --epochs continues it, " if resumable else ""
         return Plan("finished", message=f"{out} holds a finished run of this config ({done} epochs): best top-1 "
-                                        f"{_percent(best)}, last {_percent(last)}; nothing to do (more --epochs "
-                                        f"continues it, --overwrite True trains it again)")
+                                        f"{_percent(best)}, last {_percent(last)}; nothing to do ({more}"
+                                        f"--overwrite True trains it again)")
     if resumable and latest.is_file():
         return Plan("resume", str(latest), f"continuing the unfinished run in {out} at epoch {done} of "
                                            f"{cfg['epochs']} from {LATEST}")
