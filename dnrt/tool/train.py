@@ -177,8 +177,8 @@ def train_one_epoch(model: nn.Module, arr: Any, loss_fn: Callable, optimizer: to
     total, ce, reg, n, skipped = D.reduce_sum(values[:STATS], device)
     result = {"train_loss": total / n, "train_ce": ce / n, "train_arr": reg / n,
               "images_per_s": n / elapsed if elapsed > 0 else None}
-    if scaler.is_enabled():
-        result["skipped_steps"] = int(skipped)
+    if scaler.is_enabled():  # every process skips the same steps (their gradients are all-reduced)
+        result["skipped_steps"] = round(skipped / D.get_world_size())
     return result
 
 
