@@ -230,6 +230,10 @@ def test_unwritable_output_dir_names_it(finished, tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(rundir, "write_config", refuse)
     assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "run")]) == 1
     assert capsys.readouterr().err.strip() == f"error: cannot write to output_dir {tmp_path / 'run'}: Permission denied"
+    ckpt = finished[1] / "checkpoint_0000.pth"
+    assert main_py(["-c", str(config), "-r", str(ckpt), "--output_dir", str(tmp_path / "resumed")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: cannot write to output_dir {tmp_path / 'resumed'}: Permission "
+                                               f"denied; {ckpt} (1 finished epoch) is untouched")
 
 
 def test_graph_runs_share_the_run_folder_rules(tmp_path, capsys):

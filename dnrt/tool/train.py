@@ -319,7 +319,11 @@ def saved_state(out: Path, done: int) -> str:
     """Which checkpoint is still good, for the line that ends a stopped or failed run."""
     if done == 0:
         return f"no epoch had finished, so {out} holds no checkpoint"
-    return f"{out / R.LATEST} holds the {done} finished epoch{'s' if done > 1 else ''} and is good"
+    return f"{out / R.LATEST} holds the {finished_epochs(done)} and is good"
+
+
+def finished_epochs(n: int) -> str:
+    return f"{n} finished epoch{'' if n == 1 else 's'}"
 
 
 def resume_point(state: dict, cfg: dict, path: str) -> tuple[int, list[dict]]:
@@ -338,7 +342,7 @@ def resume_point(state: dict, cfg: dict, path: str) -> tuple[int, list[dict]]:
     return done, [*state.get("resumes", []), {"epoch": done, "checkpoint": str(path), "changed": changed}]
 
 
-def start_files(out: Path, cfg: dict, resumes: list[dict], start_epoch: int) -> None:
+def start_files(out: Path, cfg: dict, resumes: list[dict], start_epoch: int, checkpoint: str | None) -> None:
     """Prepare output_dir: remove a killed process's temporary files, write config.json, keep the finished epochs'
     log lines."""
     R.usable_folder(out)
@@ -347,7 +351,8 @@ def start_files(out: Path, cfg: dict, resumes: list[dict], start_epoch: int) -> 
         R.write_config(out, cfg, resumes)
         R.start_log(out, start_epoch)
     except OSError as e:
-        raise DNRTError(f"cannot write to output_dir {out}: {e.strerror or e}") from None
+        kept = f"; {checkpoint} ({finished_epochs(start_epoch)}) is untouched" if checkpoint else ""
+        raise DNRTError(f"cannot write to output_dir {out}: {e.strerror or e}{kept}") from None
 
 
 def save_epoch(out: Path, log: dict, state: dict, names: list[str], done: int) -> None:
@@ -426,7 +431,7 @@ def _train(cfg: dict, device: torch.device, signals: SignalStop) -> dict[str, An
         if not plan.message:
             print_main(f"resumed from {plan.checkpoint} at epoch {start_epoch}")
     if main:
-        start_files(out, cfg, resumes, start_epoch)
+        start_files(out, cfg, resumes, start_epoch, plan.checkpoint)
     D.barrier()
     writer = SummaryWriter(str(out / "tensorboard")) if main else None
     log: dict[str, Any] = {}
