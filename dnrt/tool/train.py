@@ -71,11 +71,18 @@ def build_model(cfg: dict, args: dict[str, int], device: torch.device) -> tuple[
     return model, arr
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which ends the run and then shuts them down (a
+    worker the signal killed makes the loader's shutdown print a traceback)."""
+    for s in SignalStop.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def test_loader(cfg: dict, dataset: Dataset) -> DataLoader:
     """This process's share of the test set, without the padding a DistributedSampler would add."""
     shard = Subset(dataset, range(D.get_rank(), len(dataset), D.get_world_size()))
     return DataLoader(shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"],
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
 
 
 def train_loader(cfg: dict, dataset: Dataset) -> tuple[DataLoader, DistributedSampler]:
@@ -84,7 +91,7 @@ def train_loader(cfg: dict, dataset: Dataset) -> tuple[DataLoader, DistributedSa
                                  seed=cfg["seed"])
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=torch.cuda.is_available(), drop_last=len(sampler) > cfg["batch_size"],
-                        persistent_workers=cfg["num_workers"] > 0)
+                        persistent_workers=cfg["num_workers"] > 0, worker_init_fn=ignore_stop_signals)
     return loader, sampler
 
 
