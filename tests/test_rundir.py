@@ -258,3 +258,14 @@ def test_graph_runs_share_the_run_folder_rules(tmp_path, capsys):
     with pytest.raises(rundir.DNRTError, match=r"holds a run of another config \(epochs: 3 -> 5\)"):
         graph.train_graph({**cfg, "epochs": 5})  # graph runs keep no checkpoint: more epochs would start anew
     assert len(strict_rows(tmp_path / "run")) == 3
+
+
+def test_a_damaged_checkpoint_in_the_folder_is_named(finished, tmp_path, capsys):
+    config, _ = finished
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    assert main_py(["-c", str(config), "--output_dir", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: checkpoint {run / 'checkpoint.pth'} is corrupt or not a dnrt checkpoint")
+    assert err.endswith("; another output_dir, or --overwrite True to replace that run")

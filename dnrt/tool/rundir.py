@@ -251,7 +251,10 @@ def plan_run(cfg: dict[str, Any], resumable: bool = True) -> Plan:
         return Plan("fresh", message=f"replacing the run in {out} (--overwrite True)" if replaced else None)
     latest = out / LATEST
     if resumable and latest.is_file():
-        state = load_checkpoint(latest)
+        try:
+            state = load_checkpoint(latest)
+        except DNRTError as e:
+            raise DNRTError(f"{e}; another output_dir, or --overwrite True to replace that run") from None
         saved, done = state.get("config") or {}, state["epoch"] + 1
     elif (out / CONFIG).is_file():
         saved = read_config(out)
