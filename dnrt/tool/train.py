@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import sys
 import threading
 import time
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -73,9 +74,20 @@ def build_model(cfg: dict, args: dict[str, int], device: torch.device) -> tuple[
 
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGINT to the main process, which ends the run and then shuts them down (a
-    worker the signal killed makes the loader's shutdown print a traceback)."""
+    worker the signal killed makes the loader's shutdown print a traceback); they were forked with the signals
+    blocked (`batches`), so none reaches them before this."""
     for s in SignalStop.SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SignalStop.SIGNALS)
+
+
+def batches(loader: DataLoader) -> Iterator:
+    """iter(loader) with SIGTERM/SIGINT blocked while it forks the workers (a signal meanwhile waits, then counts)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SignalStop.SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SignalStop.SIGNALS)
 
 
 def test_loader(cfg: dict, dataset: Dataset) -> DataLoader:
@@ -148,9 +160,10 @@ def train_one_epoch(model: nn.Module, arr: Any, loss_fn: Callable, optimizer: to
     first_bad = torch.full((2,), -1, dtype=torch.long, device=device)  # iteration of the first bad loss, grad norm
     start = read_at = time.time()
     seen = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not D.is_main_process() or not sys.stderr.isatty(),
-               dynamic_ncols=True, leave=False)
+    bar = tqdm(batches(loader), total=len(loader), desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
+               disable=not D.is_main_process() or not sys.stderr.isatty())
     for i, (images, targets) in enumerate(bar):
+        STOP.check()
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast():
             ce, reg = loss_fn(images, targets)
@@ -220,7 +233,8 @@ def evaluate(model: nn.Module, arr: Any, loader: DataLoader, device: torch.devic
     if arr is not None:
         arr.eval()  # the memory is read, never written
     preds, targets_all, top5, losses, arr_sum = [], [], [], [], 0.0
-    for images, targets in loader:
+    for images, targets in batches(loader):
+        STOP.check()
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast():
             logits = model(images)
@@ -282,17 +296,19 @@ class Stopped(KeyboardInterrupt):
 
 
 class SignalStop:
-    """Turn SIGTERM (what schedulers send before preemption) and SIGINT into Stopped, held back while an epoch's files
-    are written, so the run ends with its last finished epoch saved whole."""
+    """SIGTERM (what schedulers send before preemption) and SIGINT as a request to stop: the handler only notes it and
+    the loop raises Stopped at its next batch (`check`), never inside a write, a fork or a lock, so the run ends with
+    its last finished epoch saved whole; a second signal raises at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.pending: int | None = None
-        self.holding = False
+        self.owner = os.getpid()
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> "SignalStop":
+        self.pending, self.owner = None, os.getpid()
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -300,26 +316,30 @@ class SignalStop:
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        self.previous = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.owner:  # a data-loader worker, forked before it set the signals aside
+            return
+        again = self.pending is not None
         self.pending = signum
-        if not self.holding:
-            self._raise()
+        if again:
+            self.check()
 
-    def _raise(self) -> None:
-        name = signal.Signals(self.pending).name
-        raise Stopped(f"stopped by {name}; the same command continues the run", self.pending)
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        """Delay a signal that arrives inside the block to its end."""
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
+    def check(self) -> None:
+        """Raise Stopped when a signal has arrived."""
         if self.pending is not None:
-            self._raise()
+            name = signal.Signals(self.pending).name
+            raise Stopped(f"stopped by {name}; the same command continues the run", self.pending)
+
+
+STOP = SignalStop()  # signals are the process's: one instance, installed by train()
+
+
+def stopped(signum: int, out: Path, done: int) -> Stopped:
+    """The one line that ends a run stopped by a signal."""
+    return Stopped(f"stopped by {signal.Signals(signum).name}: {saved_state(out, done)}; the same command continues "
+                   f"the run", signum)
 
 
 def saved_state(out: Path, done: int) -> str:
@@ -385,13 +405,13 @@ def train(cfg: dict) -> dict[str, Any]:
     device = D.select_device(cfg["device"])
     D.init_distributed(device)
     try:
-        with SignalStop() as signals:
-            return _train(cfg, device, signals)
+        with STOP:
+            return _train(cfg, device)
     finally:
         D.cleanup()
 
 
-def _train(cfg: dict, device: torch.device, signals: SignalStop) -> dict[str, Any]:
+def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     out = Path(cfg["output_dir"])
     main = D.is_main_process()
     plan = D.broadcast_object(R.plan_run(cfg) if main else None)
@@ -462,25 +482,26 @@ def _train(cfg: dict, device: torch.device, signals: SignalStop) -> dict[str, An
             improved = evaluated and (log["test_acc1"] > best_acc1 or not (out / R.BEST).exists())
             if improved:
                 best_acc1 = log["test_acc1"]
-            with signals.hold():
-                if main:
-                    state = checkpoint_state(model_without_ddp, arr, optimizer, scaler, epoch, best_acc1, cfg, args,
-                                             resumes)
-                    names = [R.BEST] * improved + [R.numbered(epoch)] * ((epoch + 1) % cfg["save_interval"] == 0
-                                                                         or last) + [R.LATEST]
-                    save_epoch(out, log, state, names, done)
-                    for key, value in log.items():
-                        if isinstance(value, (int, float)):
-                            writer.add_scalar(key, value, epoch)
-                    print(epoch_summary(log, cfg["epochs"]), flush=True)
-                done = epoch + 1
+            if main:
+                state = checkpoint_state(model_without_ddp, arr, optimizer, scaler, epoch, best_acc1, cfg, args,
+                                         resumes)
+                names = [R.BEST] * improved + [R.numbered(epoch)] * ((epoch + 1) % cfg["save_interval"] == 0
+                                                                     or last) + [R.LATEST]
+                save_epoch(out, log, state, names, done)
+                for key, value in log.items():
+                    if isinstance(value, (int, float)):
+                        writer.add_scalar(key, value, epoch)
+                print(epoch_summary(log, cfg["epochs"]), flush=True)
+            done = epoch + 1
             D.barrier()
     except Stopped as e:
-        name = signal.Signals(e.signum).name
-        raise Stopped(f"stopped by {name}: {saved_state(out, done)}; the same command continues the run",
-                      e.signum) from None
+        raise stopped(e.signum, out, done) from None
     except NonFinite as e:
         raise DNRTError(f"{e}; {saved_state(out, done)}") from None
+    except RuntimeError:  # under torchrun, a process that stopped first breaks its peers' collectives
+        if STOP.pending is None:
+            raise
+        raise stopped(STOP.pending, out, done) from None
     finally:
         if writer is not None:
             writer.close()
