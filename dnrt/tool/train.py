@@ -336,17 +336,18 @@ class SignalStop:
 STOP = SignalStop()  # signals are the process's: one instance, installed by train()
 
 
-def stopped(signum: int, out: Path, done: int) -> Stopped:
+def stopped(signum: int, latest: Path, done: int) -> Stopped:
     """The one line that ends a run stopped by a signal."""
-    return Stopped(f"stopped by {signal.Signals(signum).name}: {saved_state(out, done)}; the same command continues "
-                   f"the run", signum)
+    return Stopped(f"stopped by {signal.Signals(signum).name}: {saved_state(latest, done)}; the same command "
+                   f"continues the run", signum)
 
 
-def saved_state(out: Path, done: int) -> str:
-    """Which checkpoint is still good, for the line that ends a stopped or failed run."""
+def saved_state(latest: Path, done: int) -> str:
+    """Which checkpoint is still good (the run's latest, or the one it resumed from), for the line that ends a
+    stopped or failed run."""
     if done == 0:
-        return f"no epoch had finished, so {out} holds no checkpoint"
-    return f"{out / R.LATEST} holds the {finished_epochs(done)} and is good"
+        return f"no epoch had finished, so {latest.parent} holds no checkpoint"
+    return f"{latest} holds the {finished_epochs(done)} and is good"
 
 
 def finished_epochs(n: int) -> str:
@@ -382,13 +383,13 @@ def start_files(out: Path, cfg: dict, resumes: list[dict], start_epoch: int, che
         raise DNRTError(f"cannot write to output_dir {out}: {e.strerror or e}{kept}") from None
 
 
-def save_epoch(out: Path, log: dict, state: dict, names: list[str], done: int) -> None:
+def save_epoch(out: Path, log: dict, state: dict, names: list[str], latest: Path, done: int) -> None:
     """The epoch's log line, then its checkpoints, checkpoint.pth last (a run killed in between redoes the epoch).
     Non-finite weights are never written; a write that fails says which checkpoint is still good."""
     bad = non_finite_tensors(state["model"]) + non_finite_tensors(state["arr"])
     if bad:
         raise DNRTError(f"the weights became non-finite in epoch {log['epoch']} ({', '.join(bad[:3])}); not saved; "
-                        f"{saved_state(out, done)}")
+                        f"{saved_state(latest, done)}")
     path = out / R.LOG
     try:
         R.append_log(out, log)
@@ -396,7 +397,7 @@ def save_epoch(out: Path, log: dict, state: dict, names: list[str], done: int) -
             path = out / name
             save_checkpoint(state, path)
     except OSError as e:
-        raise DNRTError(f"cannot write {path}: {e.strerror or e}; {saved_state(out, done)}") from None
+        raise DNRTError(f"cannot write {path}: {e.strerror or e}; {saved_state(latest, done)}") from None
 
 
 def train(cfg: dict) -> dict[str, Any]:
@@ -464,7 +465,7 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     log: dict[str, Any] = {}
     print_main(f"training {start_epoch} -> {cfg['epochs']} epochs, {len(loader)} iterations each, output in {out}")
     clock = Clock((cfg["epochs"] - start_epoch) * len(loader))
-    done = start_epoch
+    latest, done = Path(plan.checkpoint or out / R.LATEST), start_epoch  # the checkpoint that is good so far
     try:
         for epoch in range(start_epoch, cfg["epochs"]):
             seed_everything(epoch_seed(cfg, epoch))
@@ -487,21 +488,21 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
                                          resumes)
                 names = [R.BEST] * improved + [R.numbered(epoch)] * ((epoch + 1) % cfg["save_interval"] == 0
                                                                      or last) + [R.LATEST]
-                save_epoch(out, log, state, names, done)
+                save_epoch(out, log, state, names, latest, done)
                 for key, value in log.items():
                     if isinstance(value, (int, float)):
                         writer.add_scalar(key, value, epoch)
                 print(epoch_summary(log, cfg["epochs"]), flush=True)
-            done = epoch + 1
+            latest, done = out / R.LATEST, epoch + 1
             D.barrier()
     except Stopped as e:
-        raise stopped(e.signum, out, done) from None
+        raise stopped(e.signum, latest, done) from None
     except NonFinite as e:
-        raise DNRTError(f"{e}; {saved_state(out, done)}") from None
+        raise DNRTError(f"{e}; {saved_state(latest, done)}") from None
     except RuntimeError:  # under torchrun, a process that stopped first breaks its peers' collectives
         if STOP.pending is None:
             raise
-        raise stopped(STOP.pending, out, done) from None
+        raise stopped(STOP.pending, latest, done) from None
     finally:
         if writer is not None:
             writer.close()
