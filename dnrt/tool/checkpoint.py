@@ -1,8 +1,9 @@
-"""Checkpoints: atomic save, weights_only load, and rebuilding a trained run (model + ARR) from one file."""
+"""Checkpoints: what a resume needs (built here, beside save and load), atomic save, weights_only load, the checks
+that a checkpoint fits the model and holds finite weights, and rebuilding a trained run (model + ARR) from one file."""
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -10,22 +11,33 @@ import torch
 from torch import nn
 
 from dnrt.errors import DNRTError
+from dnrt.tool.rundir import atomic_write
+
+SHOWN_KEYS = 3  # how many names of each kind of mismatch a message lists
+
+
+def checkpoint_state(model: nn.Module, arr: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     epoch: int, best_acc1: float, cfg: dict, model_args: dict, resumes: list,
+                     lr_scale: float = 1.0) -> dict[str, Any]:
+    """Everything a resume needs, as plain types and tensors (loadable with weights_only=True). The lr schedule is
+    not saved: it is rebuilt from the config and the epoch, so a resume with more epochs follows the new length;
+    `lr_scale` is the product of the drops `drop_lr_now` made, applied to it again on every resume."""
+    from dnrt.tool.config import jsonable
+
+    return {"model": model.state_dict(), "arr": arr.state_dict() if arr is not None else None,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "best_acc1": best_acc1, "config": jsonable(cfg), "model_args": dict(model_args),
+            "resumes": list(resumes), "lr_scale": lr_scale}
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write `state` to a temporary file in the same folder, then rename: a killed run never leaves a torn file."""
+    """Serialise in memory, then write atomically: a killed run never leaves a torn file, and a full disk raises
+    OSError (naming errno) instead of torch's writer error."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -44,6 +56,51 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def non_finite_tensors(state: dict[str, Any] | None) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or ±inf."""
+    if not state:
+        return []
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _listed(names: list[str]) -> str:
+    more = f", ... ({len(names) - SHOWN_KEYS} more)" if len(names) > SHOWN_KEYS else ""
+    return ", ".join(names[:SHOWN_KEYS]) + more
+
+
+def state_mismatch(own: dict[str, torch.Tensor], saved: dict[str, Any]) -> str | None:
+    """How a saved state dict differs from a module's: counts of missing, unexpected and reshaped keys, a few
+    names each; None when it fits."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    reshaped = [f"{k} {list(saved[k].shape)} vs {list(own[k].shape)}" for k in own
+                if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != own[k].shape]
+    parts = [f"{len(names)} {kind} ({_listed(names)})"
+             for kind, names in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
+             if names]
+    return "; ".join(parts) or None
+
+
+def load_weights(state: dict, model: nn.Module, arr: Any, path: str | os.PathLike) -> None:
+    """Model weights and, with ARR on, its memories from a checkpoint; refuse one of another model, or one with
+    non-finite weights, naming what is wrong."""
+    bad = non_finite_tensors(state["model"]) + non_finite_tensors(state.get("arr"))
+    if bad:
+        raise DNRTError(f"checkpoint {path} holds non-finite weights in {len(bad)} tensors ({_listed(bad)})")
+    mismatch = state_mismatch(model.state_dict(), state["model"])
+    if mismatch:
+        raise DNRTError(f"checkpoint {path} is of another model than {type(model).__name__}: keys {mismatch}")
+    try:
+        model.load_state_dict(state["model"])
+        if arr is not None:
+            if state.get("arr") is None:
+                raise DNRTError(f"checkpoint {path} holds no ARR memory; set criterion='ce' to use it")
+            arr.load_state_dict(state["arr"])
+    except RuntimeError as e:
+        raise DNRTError(f"checkpoint {path} does not fit this model/config: {str(e).splitlines()[0]}") from None
+
+
 def load_run(checkpoint_path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, dict]:
     """Rebuild the model (and ARR, when the run used it) from a checkpoint's saved config and load its weights."""
     from dnrt.tool.config import resolve
@@ -55,10 +112,8 @@ def load_run(checkpoint_path: str | os.PathLike, device: str | torch.device = "c
     cfg = resolve(state["config"])
     model = create_model(cfg["model"], act=cfg["act"], model_lib=cfg["model_lib"],
                          model_kwargs=cfg["model_kwargs"], **state["model_args"])
-    model.load_state_dict(state["model"])
     arr = build_arr(model, cfg, state["model_args"]["num_classes"])
-    if arr is not None:
-        arr.load_state_dict(state["arr"])
+    load_weights(state, model, arr, checkpoint_path)
     model.to(device).eval()
     if arr is not None:
         arr.to(device).eval()

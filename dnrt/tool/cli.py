@@ -125,9 +125,9 @@ def _user_facing(run: Callable[[], int]) -> int:
         for line in str(e).splitlines() or [""]:
             print(f"error: {line}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # train's Stopped (SIGTERM/SIGINT) says which checkpoint continues the run
+        print(str(e) or "interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     except BrokenPipeError:  # the reader of our output closed early (`dnrt ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

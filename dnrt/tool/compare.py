@@ -1,54 +1,25 @@
 """`dnrt compare`: one Markdown table of several runs' settings, accuracy and wall time.
 
-Also home of the run-directory reader (`read_run`) that `dnrt plot curves` shares.
+Reads run folders through dnrt.tool.rundir, like `dnrt plot curves`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dnrt.errors import DNRTError
+from dnrt.tool import rundir
+from dnrt.tool.rundir import read_config
 
 COLUMNS = ("run", "model", "act", "ARR weight", "epochs", "best top-1", "last top-1", "wall time (s)",
            "Δ best top-1")
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Read a run's log.txt (one JSON object per epoch); a resumed run's repeated epochs keep the last line."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise DNRTError(f"run directory not found: {run}")
-    log = run / "log.txt"
-    if not log.is_file():
-        raise DNRTError(f"no log.txt in {run}: not a run directory written by `dnrt train`")
-    rows: dict[int, dict[str, Any]] = {}
-    for number, line in enumerate(log.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DNRTError(f"{log}:{number}: not a JSON line ({e.msg})") from None
-        if not isinstance(row, dict) or "epoch" not in row:
-            raise DNRTError(f"{log}:{number}: a log line needs an 'epoch' key")
-        rows[int(row["epoch"])] = row
-    if not rows:
-        raise DNRTError(f"{log} holds no epochs yet")
-    return [rows[e] for e in sorted(rows)]
-
-
-def read_config(run_dir: str | Path) -> dict[str, Any]:
-    """Read a run's config.json; an empty dict when the run has none (the table then shows '?')."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DNRTError(f"{path}: not valid JSON ({e.msg})") from None
+    """A run's log.txt rows (rundir.read_log); a folder without epochs is a DNRTError."""
+    return rundir.read_log(run_dir, required=True)
 
 
 def arr_weight(cfg: dict[str, Any]) -> Optional[float]:
@@ -123,8 +94,8 @@ def write_comparison(run_dirs: Sequence[str | Path], out: Optional[str | Path] =
     if not rows:
         raise DNRTError("compare needs at least one run directory")
     path = output_path(out, run_dirs[0], "compare.md")
-    path.write_text(markdown_table(rows))
-    path.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    rundir.write_text(path, markdown_table(rows))
+    rundir.write_json(path.with_suffix(".json"), rows)
     return path
 
 

@@ -37,7 +37,7 @@ def _torchvision(cls: type, root_name: str, split_kw: Callable[[bool], dict]) ->
     """A builder for a torchvision dataset that turns a failed download into one clear DNRTError."""
 
     def build(cfg: dict, train: bool, transform: Callable | None) -> Dataset:
-        root = Path(cfg["data_root"]).expanduser()
+        root = data_root(cfg)
         kwargs = dict(root=str(root), transform=transform, **split_kw(train))
         try:
             return cls(download=False, **kwargs)
@@ -56,6 +56,32 @@ def _torchvision(cls: type, root_name: str, split_kw: Callable[[bool], dict]) ->
     return build
 
 
+def data_root(cfg: dict) -> Path:
+    """cfg['data_root'] as a path; one that is a file is a DNRTError."""
+    root = Path(cfg["data_root"]).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DNRTError(f"data_root {root} is a file, not a folder; give the folder that holds the dataset")
+    return root
+
+
+class UnreadableImage(DNRTError):
+    """An image file that cannot be decoded. The run stops naming it (a silently skipped image would change the
+    data set). DataLoader rebuilds a worker's exception from the worker's whole traceback: keep our one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.strip().splitlines()[-1].rpartition(f"{type(self).__name__}: ")[2])
+
+
+def read_image(path: str) -> Image.Image:
+    """ImageFolder's loader, naming the file when it cannot be read or decoded (truncated, not an image)."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, ... for damaged files
+        raise UnreadableImage(f"cannot read image {path} ({type(e).__name__}: {e}); replace or remove the file") \
+            from None
+
+
 def _archives(cls: type) -> str:
     """The file names torchvision looks for, for the message of a missing dataset."""
     if hasattr(cls, "filename"):  # CIFAR
@@ -71,13 +97,13 @@ def _archive_folder(cls: type, root: Path) -> Path:
 
 def _image_folder(cfg: dict, train: bool, transform: Callable | None) -> Dataset:
     """An ImageFolder under data_root/train or data_root/val (one folder per class)."""
-    folder = Path(cfg["data_root"]).expanduser() / ("train" if train else "val")
+    folder = data_root(cfg) / ("train" if train else "val")
     if not folder.is_dir():
         raise DNRTError(f"dataset {cfg['dataset']}: folder {folder} not found; expected "
                         f"{Path(cfg['data_root']) / 'train'}/<class>/<image> and "
                         f"{Path(cfg['data_root']) / 'val'}/<class>/<image>")
     try:
-        return torchvision.datasets.ImageFolder(str(folder), transform=transform)
+        return torchvision.datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DNRTError(f"dataset {cfg['dataset']}: {e}") from None
 
@@ -160,7 +186,7 @@ def dataset_info(cfg: dict) -> dict[str, int]:
     spec, _ = _spec(cfg["dataset"])
     num_classes = spec.num_classes
     if num_classes is None:
-        train = Path(cfg["data_root"]).expanduser() / "train"
+        train = data_root(cfg) / "train"
         if not train.is_dir():
             raise DNRTError(f"dataset folder: {train} not found; "
                             f"expected train/<class>/<image> and val/<class>/<image>")

@@ -63,7 +63,19 @@ def init_distributed(device: torch.device) -> None:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=attempt_store(),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def attempt_store() -> dist.Store:
+    """torchrun's store, under a prefix of its own per restart attempt: after `--max-restarts` restarts the workers,
+    Gloo can read the keys the killed attempt left in the store and fail to connect or hang (torch 2.14.1; see
+    tests/gloo_restart_demo.py), so each attempt keys its rendezvous apart."""
+    rank = int(os.environ["RANK"])
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=rank == 0 and not hosted_by_agent)
+    return dist.PrefixStore(f"dnrt/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:
@@ -77,6 +89,15 @@ def reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if is_distributed():
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's `obj` on every process (what rank 0 decided, e.g. about the run folder)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -7,7 +7,6 @@ Runs write config.json and log.txt as `dnrt train` does; `test_acc1` holds the t
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnrt.errors import DNRTError
+from dnrt.tool import rundir
 
 DGRAPH_KEYS = ("x", "y", "edge_index", "train_mask", "valid_mask", "test_mask")
 
@@ -173,9 +173,10 @@ def arr_loss(hidden: list[torch.Tensor], memories: nn.ModuleList, idx: torch.Ten
     return torch.stack(losses).mean()
 
 
-def _append(log: Path, row: dict) -> None:
-    with log.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+def best_of(rows: list[dict]) -> dict:
+    """The result of a graph run's log: the test metric at the best validation epoch (the first such epoch)."""
+    best = max(rows, key=lambda r: (r["valid_acc1"], -r["epoch"]))
+    return {"best_valid": best["valid_acc1"], "test_at_best_valid": best["test_acc1"], "epoch": best["epoch"]}
 
 
 def train_graph(cfg: dict) -> dict:
@@ -201,12 +202,17 @@ def train_graph(cfg: dict) -> dict:
     optimizer = create_optimizer_v2(model, opt=cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                     momentum=cfg["momentum"])
     out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    log = out / "log.txt"
-    log.write_text("")
+    plan = rundir.plan_run(cfg, resumable=False)  # no checkpoints: an unfinished graph run starts again
+    if plan.message:
+        print(plan.message, flush=True)
+    if plan.action == "finished":
+        return best_of(rundir.read_log(out))
+    rundir.usable_folder(out)
+    rundir.remove_temp_files(out)
+    rundir.write_config(out, cfg, [])
+    rundir.start_log(out, 0)
+    rows = []
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    best = {"valid_acc1": -1.0}
     for epoch in range(cfg["epochs"]):
         start = time.time()
         model.train()
@@ -227,7 +233,6 @@ def train_graph(cfg: dict) -> dict:
                    test_acc1=metric(logits[data.test_idx], data.y[data.test_idx]),
                    metric="roc_auc" if data.num_labels == 2 else "accuracy",
                    epoch_time=time.time() - start, n_parameters=n_parameters)
-        _append(log, row)
-        if row["valid_acc1"] > best["valid_acc1"]:
-            best = row
-    return {"best_valid": best["valid_acc1"], "test_at_best_valid": best["test_acc1"], "epoch": best["epoch"]}
+        rundir.append_log(out, row)
+        rows.append(row)
+    return best_of(rows)

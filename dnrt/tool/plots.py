@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from dnrt.errors import DNRTError  # noqa: E402
-from dnrt.tool.compare import output_path, read_config, read_log, run_label  # noqa: E402
+from dnrt.tool import rundir  # noqa: E402
+from dnrt.tool.compare import output_path, read_log, run_label  # noqa: E402
+from dnrt.tool.rundir import read_config  # noqa: E402
 
 CURVE_PANELS = (("train_ce", "train cross-entropy"), ("test_loss", "test cross-entropy"),
                 ("test_acc1", "test top-1 (%)"), ("lr", "learning rate"))
@@ -67,10 +70,11 @@ def plot_curves(run_dirs: Sequence[str | Path], out: Optional[str | Path] = None
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write dict rows as CSV with a header (floats in repr form, so they read back exactly; None as empty)."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    rundir.write_text(path, text.getvalue())
 
 
 @dataclass
@@ -297,14 +301,14 @@ def plot_responses(checkpoints: Sequence[str | Path], out: Optional[str | Path] 
                      f"{res.label}\nclass {res.class_names[k]}, aggregated response of layer {res.layers[-1]}")
     _save(fig, base.with_name(base.stem + "_classes.png"))
     path = base.with_suffix(".json")
-    path.write_text(json.dumps(response_stats(results, picked), indent=1) + "\n")
+    rundir.write_json(path, response_stats(results, picked))
     return path
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
     """Lay out, write and close a figure (fixed size: no tight bounding box, so the pixel size is known)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    rundir.atomic_write(path, lambda f: fig.savefig(f, dpi=DPI, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
 
 

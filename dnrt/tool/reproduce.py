@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dnrt.errors import DNRTError
+from dnrt.tool import rundir
 from dnrt.tool.graph import GRAPHS
 
 PAPER: dict[str, Any] = json.loads(Path(__file__).with_name("paper_results.json").read_text())
@@ -374,11 +375,8 @@ def run_dir_for(cell: Cell, output_dir: Path, seed: int, epochs: Optional[int], 
 
 
 def read_log(run_dir: Path) -> list[dict]:
-    """The JSON lines of a run's log.txt, [] when there is none."""
-    log = Path(run_dir) / "log.txt"
-    if not log.is_file():
-        return []
-    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    """The rows of a run's log.txt, [] when there is none (rundir.read_log)."""
+    return rundir.read_log(run_dir)
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
@@ -388,20 +386,18 @@ def finished(run_dir: Path, epochs: int) -> bool:
 
 def check_same_settings(run_dir: Path, cfg: dict) -> None:
     """Raise a DNRTError when run_dir holds a run of other settings (e.g. the grid changed since it ran)."""
-    saved_file = Path(run_dir) / "config.json"
-    if not saved_file.is_file():
+    saved = rundir.read_config(run_dir)
+    if not saved:
         return
-    saved = json.loads(saved_file.read_text())
-    ignored = (*NEUTRAL_KEYS, "output_dir", "resume", "eval")
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.items() if k not in ignored and saved.get(k) != v]
+    changed = list(rundir.changed_keys(saved, cfg, rundir.NEUTRAL_KEYS).items())
     if changed:
-        raise DNRTError(f"{run_dir} holds a run with other settings ({'; '.join(changed[:3])}); "
+        raise DNRTError(f"{run_dir} holds a run with other settings ({rundir.describe(dict(changed[:3]))}); "
                         f"delete it or choose another --output-dir")
 
 
 def result(run_dir: Path) -> Optional[float]:
     """A run's reported number: test top-1 of the best epoch, or the test metric at the best validation one."""
-    rows = [r for r in read_log(run_dir) if "test_acc1" in r]
+    rows = [r for r in read_log(run_dir) if r.get("test_acc1") is not None]
     if not rows:
         return None
     if all("valid_acc1" in r for r in rows):
@@ -450,10 +446,8 @@ def run_cells(selected: Sequence[Cell], output_dir: Path, seeds: Sequence[Option
         if finished(run_dir, cfg["epochs"]):
             log(f"[{i}/{total}] {cell.name} seed {cfg['seed']}: finished, skipped ({run_dir})")
         else:
-            checkpoint = run_dir / "checkpoint.pth"
-            if checkpoint.is_file():  # an interrupted run goes on from its last epoch
-                cfg["resume"] = str(checkpoint)
-            log(f"[{i}/{total}] {cell.name} seed {cfg['seed']}: {'resuming' if cfg['resume'] else 'training'} "
+            going_on = (run_dir / rundir.LATEST).is_file()  # train() continues an interrupted run from it
+            log(f"[{i}/{total}] {cell.name} seed {cfg['seed']}: {'resuming' if going_on else 'training'} "
                 f"-> {run_dir}")
             train_cell(cfg)
         value = result(run_dir)
@@ -538,9 +532,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.table + _suffix(args.epochs, args.sets)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(text)
+    rundir.write_text(out / f"{name}.md", text)
     raw = {c.name: {"paper": c.paper, "measured": results.get(c, [])} for c in selected}
-    (out / f"{name}.json").write_text(json.dumps(raw, indent=1) + "\n")
+    rundir.write_json(out / f"{name}.json", raw)
     print(text)
     print(f"written: {out / (name + '.md')}")
     return 0

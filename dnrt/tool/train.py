@@ -1,14 +1,16 @@
 """Training and evaluation, written like torchvision's references/classification/train.py: top to bottom."""
 from __future__ import annotations
 
-import json
 import math
+import os
 import random
+import signal
 import sys
+import threading
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -21,8 +23,9 @@ from tqdm import tqdm
 
 from dnrt.errors import DNRTError
 from dnrt.tool import distributed as D
-from dnrt.tool.checkpoint import load_checkpoint, save_checkpoint
-from dnrt.tool.config import ignored, jsonable
+from dnrt.tool import rundir as R
+from dnrt.tool.checkpoint import checkpoint_state, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
+from dnrt.tool.config import ignored
 from dnrt.tool.data import build_dataset, dataset_info
 from dnrt.tool.models import build_arr, create_model
 from dnrt.tool.schedule import build_optimizer, build_scheduler, drop_lr_now
@@ -59,9 +62,11 @@ def model_args(cfg: dict) -> dict[str, int]:
     return {k: cfg["model_kwargs"].get(k, v) for k, v in info.items()}
 
 
-def build_model(cfg: dict, args: dict[str, int], device: torch.device) -> tuple[nn.Module, Any]:
-    """The model with `act` swapped in, and ARR on it when criterion == 'arr', both on `device`."""
-    weights = {} if cfg["resume"] else {"pretrained": cfg["pretrained"], "pretrained_file": cfg["pretrained_file"]}
+def build_model(cfg: dict, args: dict[str, int], device: torch.device,
+                fresh: bool = True) -> tuple[nn.Module, Any]:
+    """The model with `act` swapped in, and ARR on it when criterion == 'arr', both on `device`; a `fresh` run
+    starts from the pretrained weights the config names (a resumed one from its checkpoint)."""
+    weights = {"pretrained": cfg["pretrained"], "pretrained_file": cfg["pretrained_file"]} if fresh else {}
     model = create_model(cfg["model"], act=cfg["act"], model_lib=cfg["model_lib"], model_kwargs=cfg["model_kwargs"],
                          **weights, **args)
     arr = build_arr(model, cfg, args["num_classes"])
@@ -71,11 +76,29 @@ def build_model(cfg: dict, args: dict[str, int], device: torch.device) -> tuple[
     return model, arr
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which ends the run and then shuts them down (a
+    worker the signal killed makes the loader's shutdown print a traceback); they were forked with the signals
+    blocked (`batches`), so none reaches them before this."""
+    for s in SignalStop.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SignalStop.SIGNALS)
+
+
+def batches(loader: DataLoader) -> Iterator:
+    """iter(loader) with SIGTERM/SIGINT blocked while it forks the workers (a signal meanwhile waits, then counts)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SignalStop.SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SignalStop.SIGNALS)
+
+
 def test_loader(cfg: dict, dataset: Dataset) -> DataLoader:
     """This process's share of the test set, without the padding a DistributedSampler would add."""
     shard = Subset(dataset, range(D.get_rank(), len(dataset), D.get_world_size()))
     return DataLoader(shard, batch_size=cfg["batch_size"], shuffle=False, num_workers=cfg["num_workers"],
-                      pin_memory=cfg["pin_memory"] and torch.cuda.is_available())
+                      pin_memory=cfg["pin_memory"] and torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
 
 
 def train_loader(cfg: dict, dataset: Dataset) -> tuple[DataLoader, DistributedSampler]:
@@ -85,48 +108,126 @@ def train_loader(cfg: dict, dataset: Dataset) -> tuple[DataLoader, DistributedSa
     drop_last = len(sampler) > cfg["batch_size"] if cfg["drop_last"] is None else cfg["drop_last"]
     loader = DataLoader(dataset, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["num_workers"],
                         pin_memory=cfg["pin_memory"] and torch.cuda.is_available(), drop_last=drop_last,
-                        persistent_workers=cfg["num_workers"] > 0)
+                        persistent_workers=cfg["num_workers"] > 0, worker_init_fn=ignore_stop_signals)
     return loader, sampler
 
 
-def train_one_epoch(model: nn.Module, arr: Any, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The gradients' total L2 norm as a device tensor, clipped to max_norm when set (clip_grad_norm_ returns it)."""
+    if max_norm:
+        return nn.utils.clip_grad_norm_(params, max_norm)
+    return nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def step_if(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], ok: torch.Tensor) -> None:
+    """optimizer.step(), its result kept only where the device flag `ok` holds (torch.where): a step whose loss or
+    gradient is non-finite never lands in the weights, and deciding it needs no host sync."""
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    with torch.no_grad():
+        for p, old in zip(params, before):
+            p.copy_(torch.where(ok, p, old))
+
+
+class NonFinite(DNRTError):
+    """A non-finite loss or gradient norm stopped the run; train() adds which checkpoint is still good."""
+
+
+class Clock:
+    """Time left for the whole run, from the iterations done since it started (evaluations included)."""
+
+    def __init__(self, iterations: int) -> None:
+        self.start, self.done, self.total = time.time(), 0, iterations
+
+    def tick(self) -> None:
+        self.done += 1
+
+    def eta(self) -> str:
+        left = (time.time() - self.start) / max(self.done, 1) * (self.total - self.done)
+        return time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86_400 else f"{left / 86_400:.1f} days"
+
+
+STATS = 5  # the device sums of one epoch: total loss·n, ce·n, arr·n, n, fp16 steps the scaler skipped
+
+
+def train_one_epoch(model: nn.Module, arr: Any, loss_fn: Callable, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: torch.amp.GradScaler, autocast: Callable, loader: DataLoader, device: torch.device,
-                    epoch: int, cfg: dict) -> dict[str, float]:
-    """One pass over the training set; returns the mean total, cross-entropy and ARR losses over all processes."""
+                    epoch: int, cfg: dict, clock: Clock | None = None) -> dict[str, float]:
+    """One pass over the training set; returns the mean total, cross-entropy and ARR losses over all processes,
+    images/s and, with fp16's GradScaler, the steps it skipped. Losses and the non-finite checks stay on the device
+    and are read once every print_freq iterations and at the end: no host sync per step."""
     model.train()
     if arr is not None:
         arr.train()
-    sums = np.zeros(4)  # total loss, ce, arr, samples
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not D.is_main_process() or not sys.stderr.isatty(),
-               dynamic_ncols=True, leave=False)
+    clock = clock or Clock(len(loader))
+    params = [p for p in model.parameters() if p.requires_grad]
+    stats = torch.zeros(STATS, dtype=torch.float64, device=device)
+    first_bad = torch.full((2,), -1, dtype=torch.long, device=device)  # iteration of the first bad loss, grad norm
+    start = read_at = time.time()
+    seen = 0
+    bar = tqdm(batches(loader), total=len(loader), desc=f"epoch {epoch}", dynamic_ncols=True, leave=False,
+               disable=not D.is_main_process() or not sys.stderr.isatty())
     for i, (images, targets) in enumerate(bar):
+        STOP.check()
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast():
-            logits = model(images)
-            ce = criterion(logits, targets)
-            reg = arr.loss(targets) if arr is not None else torch.zeros((), device=device)
+            ce, reg = loss_fn(images, targets)
             loss = ce + reg
-        if not math.isfinite(loss.item()):
-            raise DNRTError(f"loss is {loss.item()} at epoch {epoch}, iteration {i}; lower lr or check the data")
-
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if cfg["clip_max_norm"]:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_max_norm"])
-        scaler.step(optimizer)
-        scaler.update()
+        scaler.unscale_(optimizer)
+        norm = grad_norm(params, cfg["clip_max_norm"])
+        bad = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(norm)])
+        if scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed, by design; count them
+            stats[4] += bad[1]
+            bad[1] = False
+        first_bad = torch.where(bad & (first_bad < 0), i, first_bad)
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            step_if(optimizer, params, (first_bad < 0).all())
         scheduler.step_update(epoch * len(loader) + i + 1)
-
         n = images.shape[0]
-        sums += (loss.item() * n, ce.item() * n, reg.item() * n, n)
-        if (i + 1) % cfg["print_freq"] == 0:
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-            if bar.disable and D.is_main_process():
-                print(f"epoch {epoch} [{i + 1}/{len(loader)}] loss {loss.item():.4f} lr {lr:.2e}", flush=True)
-    total, ce, reg, n = D.reduce_sum(sums.tolist(), device)
-    return {"train_loss": total / n, "train_ce": ce / n, "train_arr": reg / n}
+        stats[:3] += torch.stack([t.detach().double() for t in (loss, ce, reg)]) * n
+        stats[3] += n
+        clock.tick()
+        if (i + 1) % cfg["print_freq"] == 0 or i + 1 == len(loader):
+            values = torch.cat([stats, first_bad.double()]).tolist()  # the one read of this stretch
+            check_finite(values[STATS:], epoch)
+            if (i + 1) % cfg["print_freq"] == 0:
+                seen = report(bar, values, optimizer, epoch, i, len(loader), seen, time.time() - read_at, clock)
+                read_at = time.time()
+    elapsed = time.time() - start
+    total, ce, reg, n, skipped = D.reduce_sum(values[:STATS], device)
+    result = {"train_loss": total / n, "train_ce": ce / n, "train_arr": reg / n,
+              "images_per_s": n / elapsed if elapsed > 0 else None}
+    if scaler.is_enabled():  # every process skips the same steps (their gradients are all-reduced)
+        result["skipped_steps"] = round(skipped / D.get_world_size())
+    return result
+
+
+def check_finite(first_bad: list[float], epoch: int) -> None:
+    """Stop the run when a loss or gradient norm was non-finite (its step was not applied)."""
+    loss_at, norm_at = (int(v) for v in first_bad)
+    if loss_at >= 0 or norm_at >= 0:
+        what, at = ("loss", loss_at) if loss_at >= 0 and (norm_at < 0 or loss_at <= norm_at) else ("gradient norm",
+                                                                                                    norm_at)
+        raise NonFinite(f"non-finite {what} at epoch {epoch}, iteration {at}: that update was not applied and "
+                        f"training stopped (lower lr, set clip_max_norm, or check the data)")
+
+
+def report(bar: tqdm, values: list[float], optimizer: torch.optim.Optimizer, epoch: int, i: int, iterations: int,
+           seen: int, seconds: float, clock: Clock) -> int:
+    """The progress bar's (or, off a terminal, one line's) loss so far, lr, images/s and time left for the run."""
+    n = int(values[3])
+    rate = (n - seen) * D.get_world_size() / seconds if seconds > 0 else 0.0
+    loss, lr, eta = values[0] / n, optimizer.param_groups[0]["lr"], clock.eta()
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", eta=eta)
+    if bar.disable and D.is_main_process():
+        print(f"epoch {epoch} [{i + 1}/{iterations}] loss {loss:.4f} lr {lr:.2e} {rate:.0f} img/s, run ends in {eta}",
+              flush=True)
+    return n
 
 
 @torch.no_grad()
@@ -137,7 +238,8 @@ def evaluate(model: nn.Module, arr: Any, loader: DataLoader, device: torch.devic
     if arr is not None:
         arr.eval()  # the memory is read, never written
     preds, targets_all, top5, losses, arr_sum = [], [], [], [], 0.0
-    for images, targets in loader:
+    for images, targets in batches(loader):
+        STOP.check()
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with autocast():
             logits = model(images)
@@ -171,41 +273,141 @@ def classification_metrics(pred: np.ndarray, true: np.ndarray, in_top5: np.ndarr
     return metrics
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def trim_log(path: Path, start_epoch: int) -> None:
-    """Keep the log lines of epochs before `start_epoch`: a fresh run starts a fresh log, a resumed one continues it."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if json.loads(line)["epoch"] < start_epoch]
-        path.write_text("".join(line + "\n" for line in kept))
+def make_loss(model: nn.Module, arr: Any, criterion: nn.Module, compile_mode: bool | str) -> Callable:
+    """(images, targets) -> (cross-entropy, ARR term) of one batch; compiled with torch.compile when `compile_mode`
+    is True or one of its mode names."""
+    def loss_fn(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        ce = criterion(logits, targets)
+        return ce, arr.loss(targets) if arr is not None else torch.zeros_like(ce)
+
+    if compile_mode is False or compile_mode is None:
+        return loss_fn
+    if compile_mode is not True and compile_mode not in COMPILE_MODES:
+        raise DNRTError(f"compile must be False, True or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                        f"got {compile_mode!r}")
+    return torch.compile(loss_fn, mode=None if compile_mode is True else compile_mode)
 
 
-def checkpoint_state(model: nn.Module, arr: Any, optimizer, scheduler, scaler, epoch: int, best_acc1: float,
-                     cfg: dict, args: dict) -> dict[str, Any]:
-    """Everything a resume needs, as plain types and tensors (loadable with weights_only=True)."""
-    return {"model": model.state_dict(), "arr": arr.state_dict() if arr is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "best_acc1": best_acc1, "config": jsonable(cfg), "model_args": dict(args)}
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT ended the run; the CLI prints the message and exits with 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
 
 
-def load_weights(state: dict, model: nn.Module, arr: Any, path: str) -> None:
-    """Model weights and, with ARR on, its memories from a checkpoint."""
+class SignalStop:
+    """SIGTERM (what schedulers send before preemption) and SIGINT as a request to stop: the handler only notes it and
+    the loop raises Stopped at its next batch (`check`), never inside a write, a fork or a lock, so the run ends with
+    its last finished epoch saved whole; a second signal raises at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.owner = os.getpid()
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalStop":
+        self.pending, self.owner = None, os.getpid()
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.owner:  # a data-loader worker, forked before it set the signals aside
+            return
+        again = self.pending is not None
+        self.pending = signum
+        if again:
+            self.check()
+
+    def check(self) -> None:
+        """Raise Stopped when a signal has arrived."""
+        if self.pending is not None:
+            name = signal.Signals(self.pending).name
+            raise Stopped(f"stopped by {name}; the same command continues the run", self.pending)
+
+
+STOP = SignalStop()  # signals are the process's: one instance, installed by train()
+
+
+def stopped(signum: int, latest: Path, done: int) -> Stopped:
+    """The one line that ends a run stopped by a signal."""
+    return Stopped(f"stopped by {signal.Signals(signum).name}: {saved_state(latest, done)}; the same command "
+                   f"continues the run", signum)
+
+
+def saved_state(latest: Path, done: int) -> str:
+    """Which checkpoint is still good (the run's latest, or the one it resumed from), for the line that ends a
+    stopped or failed run."""
+    if done == 0:
+        return f"no epoch had finished, so {latest.parent} holds no checkpoint"
+    return f"{latest} holds the {finished_epochs(done)} and is good"
+
+
+def finished_epochs(n: int) -> str:
+    return f"{n} finished epoch{'' if n == 1 else 's'}"
+
+
+def resume_point(state: dict, cfg: dict, path: str) -> tuple[int, list[dict]]:
+    """The epoch a resume starts at and the config's `resumes` list with this resume appended; refuses a config
+    that changes the result (anything but the neutral keys and a larger `epochs`) or leaves nothing to train."""
+    saved, done = state.get("config") or {}, state["epoch"] + 1
+    if done >= cfg["epochs"]:
+        raise DNRTError(f"checkpoint {path} has {done} finished epochs and epochs is {cfg['epochs']}: nothing to "
+                        f"train; give --epochs larger than {done} to train it on")
+    changes = R.result_changes(saved, cfg)
+    if changes:
+        raise DNRTError(f"checkpoint {path} was trained with another config ({R.describe(changes)}); a resume may "
+                        f"change only {', '.join(R.NEUTRAL_KEYS)} and increase epochs; train anew in another "
+                        f"output_dir for other settings")
+    changed = {k: [old, new] for k, (old, new) in R.changed_keys(saved, cfg).items()}
+    return done, [*state.get("resumes", []), {"epoch": done, "checkpoint": str(path), "changed": changed}]
+
+
+def start_files(out: Path, cfg: dict, resumes: list[dict], start_epoch: int, checkpoint: str | None) -> None:
+    """Prepare output_dir: remove a killed process's temporary files, write config.json, keep the finished epochs'
+    log lines."""
+    R.usable_folder(out)
     try:
-        model.load_state_dict(state["model"])
-        if arr is not None:
-            if state.get("arr") is None:
-                raise DNRTError(f"checkpoint {path} holds no ARR memory; set criterion='ce' to use it")
-            arr.load_state_dict(state["arr"])
-    except RuntimeError as e:
-        raise DNRTError(f"checkpoint {path} does not fit this model/config: {str(e).splitlines()[0]}") from None
+        R.remove_temp_files(out)
+        R.write_config(out, cfg, resumes)
+        R.start_log(out, start_epoch)
+    except OSError as e:
+        kept = f"; {checkpoint} ({finished_epochs(start_epoch)}) is untouched" if checkpoint else ""
+        raise DNRTError(f"cannot write to output_dir {out}: {e.strerror or e}{kept}") from None
+
+
+def save_epoch(out: Path, log: dict, state: dict, names: list[str], latest: Path, done: int) -> None:
+    """The epoch's log line, then its checkpoints, checkpoint.pth last (a run killed in between redoes the epoch).
+    Non-finite weights are never written; a write that fails says which checkpoint is still good."""
+    bad = non_finite_tensors(state["model"]) + non_finite_tensors(state["arr"])
+    if bad:
+        raise DNRTError(f"the weights became non-finite in epoch {log['epoch']} ({', '.join(bad[:3])}); not saved; "
+                        f"{saved_state(latest, done)}")
+    path = out / R.LOG
+    try:
+        R.append_log(out, log)
+        for name in names:
+            path = out / name
+            save_checkpoint(state, path)
+    except OSError as e:
+        raise DNRTError(f"cannot write {path}: {e.strerror or e}; {saved_state(latest, done)}") from None
 
 
 def train(cfg: dict) -> dict[str, Any]:
-    """Train for cfg['epochs'] epochs (resuming from cfg['resume']), writing the run directory; returns final
-    metrics."""
+    """Train for cfg['epochs'] epochs in cfg['output_dir'] (continuing the unfinished run there, or resuming from
+    cfg['resume']), writing the run directory; returns final metrics."""
     device = D.select_device(cfg["device"])
     D.refuse_no_dist(cfg["no_dist"])
     D.init_distributed(device)
@@ -213,12 +415,20 @@ def train(cfg: dict) -> dict[str, Any]:
     if note:
         print_main(note)
     try:
-        return _train(cfg, device)
+        with STOP:
+            return _train(cfg, device)
     finally:
         D.cleanup()
 
 
 def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
+    out = Path(cfg["output_dir"])
+    main = D.is_main_process()
+    plan = D.broadcast_object(R.plan_run(cfg) if main else None)
+    if plan.message:
+        print_main(plan.message)
+    if plan.action == "finished":
+        return {"best_acc1": R.best_and_last(R.read_log(out))[0], "output_dir": str(out), "finished_before": True}
     seed_everything(cfg["seed"])
     args = model_args(cfg)
     train_set, test_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
@@ -232,7 +442,7 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
                f"{len(test_set)} test images")
 
     print_main(f"model: {cfg['model']} {args} act={cfg['act']} criterion={cfg['criterion']}")
-    model, arr = build_model(cfg, args, device)
+    model, arr = build_model(cfg, args, device, fresh=plan.checkpoint is None)
     n_parameters = sum(p.numel() for p in model.parameters())
     if D.is_distributed() and cfg["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -244,61 +454,73 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     optimizer = build_optimizer(cfg, model_without_ddp)
     scheduler = build_scheduler(cfg, optimizer, len(loader))
     autocast, scaler = mixed_precision(cfg, device)
-    criterion = nn.CrossEntropyLoss()
+    loss_fn = make_loss(model, arr, nn.CrossEntropyLoss(), cfg["compile"])
 
-    start_epoch, best_acc1 = cfg["start_epoch"], 0.0
-    scheduler.step_update(start_epoch * len(loader))  # a fresh run from start_epoch > 0 starts the schedule there
-    if cfg["resume"]:
-        state = load_checkpoint(cfg["resume"], map_location=device)
-        load_weights(state, model_without_ddp, arr, cfg["resume"])
+    start_epoch, best_acc1, resumes, lr_scale = cfg["start_epoch"], 0.0, [], 1.0
+    if plan.checkpoint:
+        state = load_checkpoint(plan.checkpoint, map_location=device)
+        start_epoch, resumes = resume_point(state, cfg, plan.checkpoint)
+        load_weights(state, model_without_ddp, arr, plan.checkpoint)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, best_acc1 = state["epoch"] + 1, state["best_acc1"]
-        print_main(f"resumed from {cfg['resume']} at epoch {start_epoch}")
-        if cfg["drop_lr_now"]:
-            drop_lr_now(scheduler, optimizer)
+        best_acc1 = state["best_acc1"]
+        if not plan.message:
+            print_main(f"resumed from {plan.checkpoint} at epoch {start_epoch}")
+        lr_scale = state.get("lr_scale", 1.0)
+        if cfg["drop_lr_now"] and not (state.get("config") or {}).get("drop_lr_now"):
+            lr_scale *= 0.1  # once, where the flag first appears: the same command again does not drop again
             print_main("drop_lr_now: learning rates from here on are 0.1 times the schedule's")
-
-    out = Path(cfg["output_dir"])
-    main = D.is_main_process()
+    if lr_scale != 1.0:
+        drop_lr_now(scheduler, optimizer, lr_scale)
+    scheduler.step_update(start_epoch * len(loader))  # the schedule of this run's length at its start or resume point
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg)
-        trim_log(out / "log.txt", start_epoch)
+        start_files(out, cfg, resumes, start_epoch, plan.checkpoint)
+    D.barrier()
     writer = SummaryWriter(str(out / "tensorboard")) if main else None
     log: dict[str, Any] = {}
     print_main(f"training {start_epoch} -> {cfg['epochs']} epochs, {len(loader)} iterations each, output in {out}")
-    for epoch in range(start_epoch, cfg["epochs"]):
-        seed_everything(epoch_seed(cfg, epoch))
-        sampler.set_epoch(epoch)
-        start = time.time()
-        train_stats = train_one_epoch(model, arr, criterion, optimizer, scheduler, scaler, autocast, loader, device,
-                                      epoch, cfg)
-        log = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **train_stats}
-        last = epoch + 1 == cfg["epochs"]
-        if (epoch + 1) % cfg["eval_interval"] == 0 or last:
-            metrics = evaluate(model_without_ddp, arr, val_loader, device, autocast, args["num_classes"])
-            log.update(test_loss=metrics["loss"], test_acc1=metrics["acc1"], test_acc5=metrics["acc5"])
-        log.update(epoch_time=time.time() - start, n_parameters=n_parameters)
-
-        improved = "test_acc1" in log and (log["test_acc1"] > best_acc1 or not (out / "checkpoint_best.pth").exists())
-        best_acc1 = max(best_acc1, log.get("test_acc1", 0.0))
-        if main:
-            state = checkpoint_state(model_without_ddp, arr, optimizer, scheduler, scaler, epoch, best_acc1, cfg, args)
-            save_checkpoint(state, out / "checkpoint.pth")
+    clock = Clock((cfg["epochs"] - start_epoch) * len(loader))
+    latest, done = Path(plan.checkpoint or out / R.LATEST), start_epoch  # the checkpoint that is good so far
+    try:
+        for epoch in range(start_epoch, cfg["epochs"]):
+            seed_everything(epoch_seed(cfg, epoch))
+            sampler.set_epoch(epoch)
+            start = time.time()
+            train_stats = train_one_epoch(model, arr, loss_fn, optimizer, scheduler, scaler, autocast, loader,
+                                          device, epoch, cfg, clock)
+            log = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **train_stats}
+            last = epoch + 1 == cfg["epochs"]
+            if (epoch + 1) % cfg["eval_interval"] == 0 or last:
+                metrics = evaluate(model_without_ddp, arr, val_loader, device, autocast, args["num_classes"])
+                log.update(test_loss=metrics["loss"], test_acc1=metrics["acc1"], test_acc5=metrics["acc5"])
+            log.update(epoch_time=time.time() - start, n_parameters=n_parameters)
+            evaluated = "test_acc1" in log and all(math.isfinite(log[k]) for k in LOG_TEST_KEYS)
+            improved = evaluated and (log["test_acc1"] > best_acc1 or not (out / R.BEST).exists())
             if improved:
-                save_checkpoint(state, out / "checkpoint_best.pth")
-            if (epoch + 1) % cfg["save_interval"] == 0 or last:
-                save_checkpoint(state, out / f"checkpoint_{epoch:04d}.pth")
-            with open(out / "log.txt", "a") as f:
-                f.write(json.dumps(log) + "\n")
-            for key, value in log.items():
-                writer.add_scalar(key, value, epoch)
-            print(epoch_summary(log, cfg["epochs"]), flush=True)
-        D.barrier()
-    if writer is not None:
-        writer.close()
+                best_acc1 = log["test_acc1"]
+            if main:
+                state = checkpoint_state(model_without_ddp, arr, optimizer, scaler, epoch, best_acc1, cfg, args,
+                                         resumes, lr_scale)
+                names = [R.BEST] * improved + [R.numbered(epoch)] * ((epoch + 1) % cfg["save_interval"] == 0
+                                                                     or last) + [R.LATEST]
+                save_epoch(out, log, state, names, latest, done)
+                for key, value in log.items():
+                    if isinstance(value, (int, float)):
+                        writer.add_scalar(key, value, epoch)
+                print(epoch_summary(log, cfg["epochs"]), flush=True)
+            latest, done = out / R.LATEST, epoch + 1
+            D.barrier()
+    except Stopped as e:
+        raise stopped(e.signum, latest, done) from None
+    except NonFinite as e:
+        raise DNRTError(f"{e}; {saved_state(latest, done)}") from None
+    except RuntimeError:  # under torchrun, a process that stopped first breaks its peers' collectives
+        if STOP.pending is None:
+            raise
+        raise stopped(STOP.pending, latest, done) from None
+    finally:
+        if writer is not None:
+            writer.close()
     return {**log, "best_acc1": best_acc1, "output_dir": str(out)}
 
 
@@ -310,8 +532,10 @@ def print_main(message: str) -> None:
 def epoch_summary(log: dict, epochs: int) -> str:
     """One line per epoch on the console."""
     test = "".join(f"  {k} {log[k]:.4f}" for k in LOG_TEST_KEYS if k in log)
+    rate = f", {log['images_per_s']:.0f} img/s" if log.get("images_per_s") else ""
+    skipped = f", {log['skipped_steps']} fp16 steps skipped" if log.get("skipped_steps") else ""
     return (f"epoch {log['epoch'] + 1}/{epochs}  lr {log['lr']:.2e}  train_loss {log['train_loss']:.4f} "
-            f"(ce {log['train_ce']:.4f}, arr {log['train_arr']:.4f}){test}  {log['epoch_time']:.1f}s")
+            f"(ce {log['train_ce']:.4f}, arr {log['train_arr']:.4f}){test}  {log['epoch_time']:.1f}s{rate}{skipped}")
 
 
 def evaluate_checkpoint(cfg: dict, checkpoint: str) -> dict[str, Any]:
@@ -321,17 +545,14 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str) -> dict[str, Any]:
     try:
         state = load_checkpoint(checkpoint, map_location=device)
         args = state.get("model_args") or model_args(cfg)
-        model, arr = build_model(cfg, args, device)
+        model, arr = build_model(cfg, args, device, fresh=False)
         load_weights(state, model, arr, checkpoint)
         autocast, _ = mixed_precision(cfg, device)
         metrics = evaluate(model, arr, test_loader(cfg, build_dataset(cfg, train=False)), device, autocast,
                            args["num_classes"])
         metrics = {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), **metrics}
         if D.is_main_process():
-            out = Path(cfg["output_dir"])
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(out / "eval.json", metrics)
-            print(eval_summary(metrics, out / "eval.json"), flush=True)
+            print(eval_summary(metrics, R.write_eval(cfg["output_dir"], metrics)), flush=True)
         return metrics
     finally:
         D.cleanup()
