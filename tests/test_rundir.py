@@ -12,7 +12,7 @@ import torch
 
 from dnrt.tool import rundir
 from dnrt.tool.cli import main_py
-from tiny_config import TINY
+from tiny_config import TINY, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,12 +39,7 @@ def same_weights(a, b):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 2-epoch tiny run: (config file, run folder)."""
-    folder = tmp_path_factory.mktemp("finished")
-    config = folder / "tiny.py"
-    config.write_text(TINY)
-    run = folder / "run"
-    assert main_py(["-c", str(config), "--output_dir", str(run)]) == 0
-    return config, run
+    return train_tiny(tmp_path_factory.mktemp("finished"))
 
 
 def test_same_command_on_a_finished_run_reports_and_changes_nothing(finished, capsys):

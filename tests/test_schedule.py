@@ -97,7 +97,9 @@ def test_optimizer_takes_the_configs_settings():
     assert decays == [0.0, 0.01] and {g["momentum"] for g in optimizer.param_groups} == {0.7}
 
 
-def test_drop_lr_now_on_a_resume_of_the_tool(tmp_path):
+def test_drop_lr_now_on_a_resume_of_the_tool_drops_once(tmp_path):
+    """The drop happens where the flag first appears; the same command again keeps 0.1× (not 0.01×), and so
+    does a later resume without the flag, as the checkpoints record it."""
     import json
 
     from dnrt.tool.cli import main_py
@@ -106,9 +108,12 @@ def test_drop_lr_now_on_a_resume_of_the_tool(tmp_path):
     config = tmp_path / "tiny.py"
     config.write_text(TINY.replace("epochs = 2", "epochs = 2\nscheduler = 'step'\nstep_size = 5"))
     assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "full")]) == 0
-    assert main_py(["-c", str(config), "--output_dir", str(tmp_path / "dropped"), "--drop_lr_now",
-                    "-r", str(tmp_path / "full" / "checkpoint_0000.pth")]) == 0
+    dropped = ["-c", str(config), "--output_dir", str(tmp_path / "dropped"), "--drop_lr_now"]
+    assert main_py(dropped + ["-r", str(tmp_path / "full" / "checkpoint_0000.pth")]) == 0
+    assert main_py(dropped + ["--epochs", "3"]) == 0  # the same flags continue the finished run to 3 epochs
+    assert main_py(dropped[:-1] + ["--epochs", "4"]) == 0  # without the flag, to 4: the drop stays
     full, dropped = ([json.loads(line) for line in (tmp_path / run / "log.txt").read_text().splitlines()]
                      for run in ("full", "dropped"))
-    assert [row["epoch"] for row in dropped] == [1]
-    assert dropped[0]["lr"] == pytest.approx(0.1 * full[1]["lr"]) and full[1]["lr"] == pytest.approx(1e-3)
+    assert [row["epoch"] for row in dropped] == [1, 2, 3]
+    assert [row["lr"] for row in full] == pytest.approx([1e-3] * 2)  # step_size 5: constant over these epochs
+    assert [row["lr"] for row in dropped] == pytest.approx([1e-4] * 3)

@@ -7,7 +7,7 @@ import torch
 
 from dnrt.tool.checkpoint import load_run
 from dnrt.tool.cli import main, main_py
-from tiny_config import TINY
+from tiny_config import TINY, train_tiny
 
 
 
@@ -18,12 +18,7 @@ def read_log(run):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 2-epoch RAA+ARR run on fake data; returns (config file, run directory)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    config = folder / "tiny.py"
-    config.write_text(TINY)
-    run = folder / "run"
-    assert main_py(["-c", str(config), "--output_dir", str(run)]) == 0
-    return config, run
+    return train_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def test_run_directory(tiny):

@@ -1,4 +1,6 @@
 """The tiny RAA + ARR config the end-to-end tests train: two epochs of a 2-block ViT on synthetic data."""
+from pathlib import Path
+
 TINY = """
 dataset = "fake"
 image_size = 8
@@ -16,3 +18,13 @@ amp = False
 device = "cpu"
 save_interval = 1
 """
+
+
+def train_tiny(folder: Path) -> tuple[Path, Path]:
+    """Train TINY to the end in `folder`: (its config file, its run folder)."""
+    from dnrt.tool.cli import main_py
+
+    config, run = folder / "tiny.py", folder / "run"
+    config.write_text(TINY)
+    assert main_py(["-c", str(config), "--output_dir", str(run)]) == 0
+    return config, run

@@ -60,7 +60,7 @@ def build_scheduler(cfg: Mapping[str, Any], optimizer: Optimizer, updates_per_ep
 
 def drop_lr_now(scheduler: Scheduler, optimizer: Optimizer, factor: float = DROP_LR_NOW) -> None:
     """The authors' `drop_lr_now` on resume: every learning rate from here on is `factor` times the schedule's
-    (call it after loading the scheduler's state; the scaled values are in the state it saves)."""
+    (the training loop keeps the product of the drops in its checkpoints and applies it to the rebuilt schedule)."""
     scheduler.base_values = [v * factor for v in scheduler.base_values]
     for name in ("lr_min", "warmup_lr_init"):
         if hasattr(scheduler, name):
