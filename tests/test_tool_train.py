@@ -104,3 +104,17 @@ def test_load_run_rebuilds_model_and_memory(tiny):
     assert all(torch.equal(v, state["arr"][k]) for k, v in arr.state_dict().items())
     model(torch.zeros(2, 3, 8, 8))
     assert set(arr.responses) == set(arr.layers)  # the hooks are live for `dnrt plot responses`
+
+
+def test_bf16_autocast_trains_raa_and_arr_on_the_cpu(tiny, tmp_path):
+    """amp='bf16' runs RAA's kernels and ARR under CPU autocast: finite, close to the float32 run, not equal to it
+    (so the autocast really ran), the memory kept in float32."""
+    config, run = tiny
+    bf16 = tmp_path / "bf16"
+    assert main_py(["-c", str(config), "--output_dir", str(bf16), "--amp", "bf16"]) == 0
+    fp32, low = read_log(run), read_log(bf16)
+    for a, b in zip(fp32, low):
+        assert a["train_loss"] != b["train_loss"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+    state = torch.load(bf16 / "checkpoint.pth", weights_only=True)
+    assert state["arr"]["memory.mean"].dtype == torch.float32
