@@ -1,7 +1,7 @@
 """Without dnrt: torchrun --max-restarts after a SIGKILLed Gloo worker (the failure dnrt.tool.distributed works around).
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 --max-restarts 1 \
-        tests/gloo_restart_demo.py            # torch 2.14.1: attempt 1 often fails ("Gloo connectFullMesh failed") or hangs
+        tests/gloo_restart_demo.py            # torch 2.14.1: attempt 1 often fails (Gloo connectFullMesh) or hangs
     ... tests/gloo_restart_demo.py --prefix   # the store keyed per attempt, as dnrt does: attempt 1 finishes
 
 On the first attempt rank 1 kills itself with SIGKILL after one all_reduce; torchrun restarts both workers.

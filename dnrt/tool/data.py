@@ -195,7 +195,8 @@ def dataset_info(cfg: dict) -> dict[str, int]:
 
 
 def build_transform(cfg: dict, train: bool) -> Callable:
-    """timm's create_transform with the paper's recipe for training (docs/method.md §5), or tensor + normalise when no_aug."""
+    """timm's create_transform with the paper's recipe for training (docs/method.md §5), or tensor + normalise
+    when no_aug."""
     spec, _ = _spec(cfg["dataset"])
     size = cfg["image_size"] or spec.img_size
     no_aug = (not spec.augment) if cfg["no_aug"] is None else cfg["no_aug"]

@@ -83,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="a checkpoint of `dnrt train`")
     parser.add_argument("--format", required=True, choices=list(SUFFIXES),
                         help="onnx (needs onnx, onnxscript), pt2 (torch.export), torchscript (torch.jit.trace)")
-    parser.add_argument("--out", metavar="PATH", help="the file to write (default: beside the checkpoint, its name with the "
-                                      "format's suffix: .onnx, .pt2, .pt)")
+    parser.add_argument("--out", metavar="PATH", help="the file to write (default: beside the checkpoint, its name "
+                                                      "with the format's suffix: .onnx, .pt2, .pt)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,8 +44,8 @@ def _backward_fake(grad, x, s, w, dim, gelu):
 
 def supports(x: torch.Tensor, w: Optional[torch.Tensor], base: str) -> bool:
     """Whether ``x`` (and ``w``) is a case the kernels cover; non-contiguous input is copied first."""
-    return x.device.type == "cpu" and x.dtype in raa_math.KERNEL_DTYPES and x.numel() > 0 and base in ("gelu", "relu") and (
-        w is None or (w.device.type == "cpu" and w.dim() == 1 and w.is_floating_point()))
+    return (x.device.type == "cpu" and x.dtype in raa_math.KERNEL_DTYPES and x.numel() > 0 and base in ("gelu", "relu")
+            and (w is None or (w.device.type == "cpu" and w.dim() == 1 and w.is_floating_point())))
 
 
 def forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str):
@@ -58,7 +58,8 @@ def forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: in
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, s: torch.Tensor, w: Optional[torch.Tensor], dim: int, base: str):
-    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)``, the parameter gradients in float32 (``∂L/∂w`` empty for no ``w``)."""
+    """Return ``(∂L/∂x, ∂L/∂w, ∂L/∂b)``, the parameter gradients in float32 (``∂L/∂w`` empty for no
+    ``w``)."""
     if _features_last(x, dim):
         moved = [t.movedim(dim, -1).contiguous() for t in (grad, x, s)]
         grad_x, grad_w, grad_b = torch.ops.dnrt_cpu.raa_backward(*moved, _float(w), -1, base == "gelu")
