@@ -10,7 +10,6 @@ in their own column, since the paper's 1.078 G leaves them out. Latency is of ea
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Optional
 
 import torch
@@ -212,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         from dnrt.tool.compare import output_path
         path = output_path(args.out, ".", "profile.md")
-        path.write_text(table)
-        path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        from dnrt.tool import rundir
+
+        rundir.write_text(path, table)
+        rundir.write_json(path.with_suffix(".json"), result)
         print(f"written: {path}")
     return 0

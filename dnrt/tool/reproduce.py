@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import textwrap
@@ -318,15 +317,13 @@ def write_configs(root: Path = CONFIG_ROOT) -> list[Path]:
     """Write every config file of the grid under root; return their paths."""
     files = all_config_files(root)
     for path, text in files.items():
-        _write_atomic(path, text)
+        _write_config(path, text)
     return list(files)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_config(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    rundir.write_text(path, text)
 
 
 def ensure_configs(selected: Sequence[Cell], root: Path, log=print) -> None:
@@ -340,7 +337,7 @@ def ensure_configs(selected: Sequence[Cell], root: Path, log=print) -> None:
                         f"delete them to have them written again, or choose another --configs folder")
     missing = [p for p in sorted(needed) if not p.is_file()]
     for path in missing:
-        _write_atomic(path, files[path])
+        _write_config(path, files[path])
     if missing:
         log(f"wrote {len(missing)} config files of the grid under {_shown(root)}")
 
