@@ -101,3 +101,9 @@ def test_no_command_in_the_docs_writes_into_the_clones_files():
                 checked += 1
                 assert Path(target).parts[0] not in tracked, f"{page}: {command}"
     assert checked >= 3
+
+
+def test_the_readmes_links_lead_to_files():
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [link for link in links if "://" not in link]
+    assert len(local) >= 8 and [link for link in local if not (ROOT / link).is_file()] == []
