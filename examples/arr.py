@@ -15,7 +15,7 @@ arr = dnrt.ARR(model, num_classes=10, weight=10.0)  # taps every block's class t
 optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-3)
 print("tapped:", arr.layers)
 
-x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+x, y = torch.randn(32, 3, 32, 32), torch.arange(32) % 10  # a batch with every class
 for step in range(3):
     logits = model(x)                              # the model's own forward; ARR's hooks record the responses
     ce, reg = F.cross_entropy(logits, y), arr.loss(y)

@@ -10,7 +10,7 @@ EXPECTED = {
                "ReLU-based, NCHW: (8, 32, 14, 14)", "by name: RAA(32, base='relu', shift='vector', channel_dim=1)"],
     "convert.py": ["9 RAA modules, e.g. relu: RAA(64, base='relu', shift='vector', channel_dim=1)",
                    "outputs unchanged: True", "stem activation: ELU(alpha=1.0)"],
-    "arr.py": ["tapped: ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.3']", "memory: (10, 256) classes seen: 9"],
+    "arr.py": ["tapped: ['blocks.0', 'blocks.1', 'blocks.2', 'blocks.3']", "memory: (10, 256) classes seen: 10"],
 }
 
 
