@@ -1,5 +1,7 @@
 """RAA's kernels and ops: the C++ kernels against the float64 formula (docs/method.md §1, §2), the default choice
 and its fallback, ``set_fused``, ``torch.library.opcheck`` of every registered op, compile and export."""
+import os
+import platform
 import shutil
 import warnings
 
@@ -13,13 +15,24 @@ from test_raa import formula
 
 
 def cpu_kernels_or_skip():
-    """The C++ kernels are built on this machine's x86 ISAs whenever a compiler is there; elsewhere skip."""
+    """The C++ kernels are built on x86-64 whenever a compiler is there, for the ISA level ATen runs (DEFAULT,
+    AVX2, AVX512: ``ATEN_CPU_CAPABILITY`` chooses it); elsewhere skip."""
     from dnrt.nn.kernels import raa_cpu
 
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
-        pytest.skip("the CPU kernels need AVX2 or AVX-512 and a C++ compiler")
+    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None:
+        pytest.skip("the CPU kernels need an x86-64 CPU and a C++ compiler")
     assert raa_cpu.available()
     return raa_cpu
+
+
+def test_the_kernels_that_run_are_built_for_the_level_aten_runs():
+    """Under ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` (.ci/kernel_levels.sh) ATen runs that level, and so do
+    the kernels: each build says which ISA it was compiled for."""
+    cpu_kernels_or_skip()
+    level = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        assert level == os.environ["ATEN_CPU_CAPABILITY"].upper()
+    assert torch.ops.dnrt_cpu.raa_capability() == level
 
 
 def in_threads(n, fn):

@@ -3,6 +3,7 @@ vector ISA ATen itself runs (AVX2 or AVX-512), cached per ISA and torch version;
 from __future__ import annotations
 
 import functools
+import platform
 import re
 import sys
 import warnings
@@ -13,6 +14,7 @@ import torch
 ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "DEFAULT": [],  # ATen's generic vectors (arrays the compiler vectorises for the baseline x86-64 ISA)
 }
 
 
@@ -21,7 +23,7 @@ def load_cpp(source: str, what: str, fallback: str) -> bool:
     """Build and load ``source`` (a file beside this one) as ATen ops; False, with one warning naming
     ``what`` and its ``fallback``, where this machine cannot build it (no compiler, no ninja, a read-only cache)."""
     isa = torch.backends.cpu.get_cpu_capability()
-    if isa not in ISA_FLAGS or sys.platform == "win32":
+    if isa not in ISA_FLAGS or sys.platform == "win32" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     from torch.utils import cpp_extension
 

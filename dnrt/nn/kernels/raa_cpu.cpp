@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -453,12 +454,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g, con
   return {gx, gw_parts.sum(0), u.sum()};
 }
 
+// The vector ISA this library was built for (ATen's names: DEFAULT, AVX2, AVX512), so tests know what ran.
+#define DNRT_STRING(x) #x
+#define DNRT_NAME(x) DNRT_STRING(x)
+std::string capability() { return DNRT_NAME(CPU_CAPABILITY); }
+
 }  // namespace
 
 // A fragment, so that other kernel files may define ops in the same namespace.
 TORCH_LIBRARY_FRAGMENT(dnrt_cpu, m) {
   m.def("raa_forward(Tensor x, Tensor? w, Tensor b, int dim, bool gelu) -> (Tensor, Tensor)");
   m.def("raa_backward(Tensor grad, Tensor x, Tensor s, Tensor? w, int dim, bool gelu) -> (Tensor, Tensor, Tensor)");
+  m.def("raa_capability() -> str", capability);
 }
 
 TORCH_LIBRARY_IMPL(dnrt_cpu, CPU, m) {
