@@ -102,6 +102,74 @@ def test_gelu_base_is_within_4_ulps_of_float64_and_exact_where_it_saturates(mode
     assert special[0] == 0.0 and special[2] == 0.0 and special[3] == 40.0 and 0 < special[1] < 1e-30
 
 
+INF, NAN = float("inf"), float("nan")
+
+
+def defined(x, g, w, b, base):
+    """docs/method.md §1–§2 on non-finite input, in float64, for rows [n, d]: a non-finite shift makes its row
+    NaN; otherwise x·Φ(z) and x·φ(z) are 0 where Φ(z) or φ(z) is 0 (their limits at x = ±∞). Returns y, ∂L/∂x,
+    ∂L/∂w (None for the scalar shift) and ∂L/∂b."""
+    x, g = x.double(), g.double()
+    s = b.double() if w is None else (x * w.double()).sum(-1, keepdim=True) + b.double()
+    z = x + torch.where(torch.isfinite(s), s, NAN)
+    if base == "relu":
+        y, direct = torch.clamp(z, min=0), (z > 0).double()
+        via_s = direct
+    else:
+        cdf, pdf = 0.5 * (1 + torch.erf(z / math.sqrt(2))), torch.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+        y = torch.where(cdf == 0, 0.0, x * cdf)
+        via_s = torch.where(pdf == 0, 0.0, x * pdf)
+        direct = cdf + via_s
+    u = (g * via_s).sum(-1, keepdim=True)
+    grad_x = g * direct + (0 if w is None else u * w.double())
+    return y, grad_x, None if w is None else (x * u).sum(0), u.sum()
+
+
+def non_finite_rows(width):
+    """Rows of ``width`` features holding +∞, −∞, NaN (in vector bodies and in tails), both infinities, none."""
+    torch.manual_seed(0)
+    x = torch.randn(6, width)
+    for row, col, value in [(0, 2, INF), (1, 1, -INF), (2, 1, NAN), (3, width - 1, INF), (4, 0, -INF), (4, 3, INF)]:
+        x[row, col] = value
+    return x
+
+
+@pytest.mark.parametrize("mode", [False, "auto"])
+@pytest.mark.parametrize("base", ["gelu", "relu"])
+@pytest.mark.parametrize("shift", ["vector", "zero", "scalar"])
+@pytest.mark.parametrize("width,dim", [(4, -1), (20, -1), (20, 1)])
+def test_non_finite_input_has_one_answer_in_every_path(mode, base, shift, width, dim):
+    """Fused (C++ kernels), plain PyTorch and the exported formula give docs/method.md §1's answer for ±∞ and NaN,
+    forward and backward: the limits where the shift is finite (scalar shift: +∞ → +∞, −∞ → 0, gradient g or 0),
+    a NaN vector where it is not (vector shift: any ∞ or NaN it reads, also through a zero weight)."""
+    rows = non_finite_rows(width)
+    m = dnrt.RAA(width, base=base, shift="scalar" if shift == "scalar" else "vector", channel_dim=dim)
+    with torch.no_grad():
+        m.bias.fill_(0.1)
+        if shift == "vector":
+            m.weight.copy_(torch.linspace(-0.5, 0.5, width))
+    x = (rows if dim == -1 else rows.reshape(2, 3, width).transpose(1, 2)).contiguous().requires_grad_()
+    g = torch.randn_like(x)
+    params = [x, m.bias] if m.weight is None else [x, m.weight, m.bias]
+    with kernels.set_fused(mode):
+        y = m(x)
+        got = torch.autograd.grad(y, params, g)
+    flat_g = g if dim == -1 else g.transpose(1, 2).reshape(6, width)
+    want_y, want_x, want_w, want_b = defined(rows, flat_g, m.weight, m.bias, base)
+    as_rows = (lambda t: t) if dim == -1 else (lambda t: t.transpose(1, 2).reshape(6, width))
+    close = dict(rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(as_rows(y.detach()).double(), want_y, **close)
+    exported = dnrt.nn.raa.raa_formula(x.detach(), m.weight, m.bias, -2 if dim == 1 else -1, base, m.shift)
+    torch.testing.assert_close(as_rows(exported).double(), want_y, **close)
+    torch.testing.assert_close(as_rows(got[0]).double(), want_x, **close)
+    for a, e in zip(got[1:], [want_b] if want_w is None else [want_w, want_b]):
+        torch.testing.assert_close(a.double().reshape(e.shape), e, **close)
+    if shift == "scalar":  # the limits, spelt out
+        assert as_rows(y.detach())[0, 2] == INF and as_rows(y.detach())[1, 1] == 0
+        assert as_rows(got[0])[0, 2] == flat_g[0, 2] and as_rows(got[0])[1, 1] == 0
+    assert torch.isnan(want_y[3]).all() == (shift != "scalar") and not torch.isnan(want_y[5]).any()
+
+
 def test_scalar_shift_computes_in_float32_for_bfloat16_input():
     torch.manual_seed(0)
     m = dnrt.RAA(6, shift="scalar")
@@ -189,6 +257,15 @@ for shape, dim in [((3, 5, 48), -1), ((2, 24, 3, 5), -3), ((7, 33), -1)]:
         want = (y2,) + raa_math.backward(g, x, s2, w, dim, base)
         for a, e in zip(got, want):
             torch.testing.assert_close(a, e.reshape(a.shape), rtol=1e-5, atol=2e-5)
+x = torch.randn(5, 20)
+x[0, 2], x[1, 1], x[2, 1] = float("inf"), -float("inf"), float("nan")  # docs/method.md §1: NaN rows 0-2
+for base in ("gelu", "relu"):
+    w, b = torch.linspace(-0.5, 0.5, 20), torch.tensor(0.1)
+    for weights in (w, w * 0):
+        y, s = raa_triton.forward(x, weights, b, -1, base)
+        y2, s2 = raa_math.forward(x, weights, b, -1, base)
+        torch.testing.assert_close(y, y2, equal_nan=True)
+        assert y[:3].isnan().all() and not y[3:].isnan().any()
 print("triton kernels agree")
 """
 

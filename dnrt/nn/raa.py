@@ -182,15 +182,17 @@ def _check_kind(saved, own: torch.Tensor, name: str) -> None:
 
 def raa_formula(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str,
                 shift: str) -> torch.Tensor:
-    """RAA as plain differentiable operations (erf form), for graphs that are traced, scripted or exported."""
+    """RAA as plain operations (erf form), for graphs that are traced, scripted or exported; non-finite input
+    as docs/method.md §1 defines it (a non-finite shift gives NaN, x·Φ(z) is 0 where Φ(z) is)."""
     if shift == "elementwise":
         assert w is not None
         return _elementwise_shift(x, w, b, dim, base)
     s = b.to(x.dtype) if w is None else torch.sum(x * w.reshape([-1] + [1] * (-dim - 1)), dim, keepdim=True) + b
-    z = x + s  # in the parameters' precision where x is lower, as the Function does; y is in x's
+    z = x + (s + (s - s))  # in the parameters' precision where x is lower, as the Function does; y is in x's
     if base == "relu":
         return torch.relu(z).to(x.dtype)
-    return (x * (0.5 + 0.5 * torch.erf(z * math.sqrt(0.5)))).to(x.dtype)  # math.sqrt: TorchScript reads no globals
+    cdf = 0.5 + 0.5 * torch.erf(z * math.sqrt(0.5))  # math.sqrt: TorchScript reads no globals
+    return torch.where(cdf == 0, torch.zeros_like(cdf), x * cdf).to(x.dtype)
 
 
 def _elementwise_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int, base: str) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Written twice over one structure: eagerly for ATen on the CPU (Φ as GELU(z)/z, whose kernel vectorises erf;
 in-place passes over two fresh tensors), and in the erf form when a compiler traces it
-(``torch.compiler.is_compiling()``), which inductor fuses into one pass each way.
+(``torch.compiler.is_compiling()``), which inductor fuses into one pass each way. Non-finite input as
+docs/method.md §1 defines it: a vector whose shift is not finite is NaN; elsewhere ±∞ take their limits.
 """
 from __future__ import annotations
 
@@ -43,19 +44,31 @@ def shift_shape(x: Tensor, w: Optional[Tensor], dim: int) -> Tuple[int, ...]:
 
 
 def _shift(x: Tensor, w: Optional[Tensor], b: Tensor, dim: int) -> Tensor:
-    """``s = wᵀx + b`` per feature vector, kept as a size-1 ``dim`` (a copy of ``b`` when ``w`` is None)."""
+    """``s = wᵀx + b`` per feature vector, kept as a size-1 ``dim`` (a copy of ``b`` when ``w`` is None); NaN
+    where it is not finite (docs/method.md §1: such a vector has no limit to give)."""
     acc = acc_dtype(x)
     if w is None:
-        return b.to(acc, copy=True).reshape((1,) * x.dim())  # not 0-d, which would leave x + s in x's precision
-    return torch.sum(x * per_vector(w, dim), dim=dim, keepdim=True, dtype=acc) + b.to(acc)
+        s = b.to(acc, copy=True).reshape((1,) * x.dim())  # not 0-d, which would leave x + s in x's precision
+    else:
+        s = torch.sum(x * per_vector(w, dim), dim=dim, keepdim=True, dtype=acc) + b.to(acc)
+    return s.add_(s - s)  # s − s is 0 where s is finite, NaN where it is ±∞ or NaN
+
+
+def _finite(x: Tensor, both: bool) -> Tensor:
+    """``x`` with −∞ (and +∞ where ``both``) replaced by the largest finite values, NaN kept: a factor that is 0
+    where x is infinite then gives 0, the limit of x·Φ(z) and x·φ(z) (docs/method.md §1, §2)."""
+    big = torch.finfo(x.dtype).max
+    return x.clamp(-big, big) if both else x.clamp(min=-big)
 
 
 def _normal_cdf(z: Tensor) -> Tensor:
-    """Φ(z), in a fresh tensor. Eagerly as GELU(z)/z, CPU's GELU kernel vectorising erf where ``torch.erf``
-    does not: 0/0 at z = 0 becomes 0.5, then adding 0·z puts NaN back where z itself is NaN or infinite
-    (two cheap in-place passes; a ``z == 0`` mask costs six times more). A compiler gets the erf form."""
+    """Φ(z), in a fresh tensor; ``z`` is clamped in place to ±40 (where Φ is 0 or 1 in float64 already), so
+    Φ(±∞) is 0 or 1. Eagerly as GELU(z)/z, CPU's GELU kernel vectorising erf where ``torch.erf`` does not: 0/0
+    at z = 0 becomes 0.5, then adding 0·z puts NaN back where z itself is NaN (cheap in-place passes; a
+    ``z == 0`` mask costs six times more). A compiler gets the erf form."""
     if torch.compiler.is_compiling():
         return 0.5 + 0.5 * torch.erf(z * _SQRT_HALF)
+    z = z.clamp_(-40.0, 40.0)
     return F.gelu(z).div_(z).nan_to_num_(nan=0.5).add_(z, alpha=0)
 
 
@@ -72,7 +85,7 @@ def forward(x: Tensor, w: Optional[Tensor], b: Tensor, dim: int, base: str) -> T
     s = _shift(x, w, b, dim)
     if base == "relu":
         return torch.relu(x + s).to(x.dtype), s
-    return _normal_cdf(x + s).mul_(x).to(x.dtype), s
+    return _normal_cdf(x + s).mul_(_finite(x, both=False)).to(x.dtype), s
 
 
 def backward(grad: Tensor, x: Tensor, s: Tensor, w: Optional[Tensor], dim: int, base: str):
@@ -84,7 +97,7 @@ def backward(grad: Tensor, x: Tensor, s: Tensor, w: Optional[Tensor], dim: int, 
         grad_x = g_pdf_x = grad * (z > 0)
     else:
         grad_x = _normal_cdf(z).mul_(grad)
-        g_pdf_x = _grad_pdf(grad, z).mul_(x)
+        g_pdf_x = _grad_pdf(grad, z).mul_(_finite(x, both=True))
         grad_x.add_(g_pdf_x)
     acc = acc_dtype(x)
     if w is None:
