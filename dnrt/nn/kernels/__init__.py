@@ -5,7 +5,9 @@ RAA (``raa``): the hand-written kernels run wherever they apply, the C++ ones of
 ``raa_triton`` on CUDA: through the PyTorch ops of ``raa_ops`` (``torch.ops.dnrt.raa_forward`` and
 ``raa_backward``) where ``torch.compile`` or ``torch.export`` traces them, through one memory-efficient
 autograd Function eagerly; CUDA graphs capture either. Elsewhere, and under ``set_fused(False)``, the plain
-math of ``raa_math`` runs through that Function, which an outer ``torch.compile`` fuses.
+math of ``raa_math`` runs through that Function, which an outer ``torch.compile`` fuses; so it does under
+``torch.func`` transforms (the Function has ``setup_context`` and a generated vmap rule; the kernels have no
+batching rule).
 """
 from __future__ import annotations
 
