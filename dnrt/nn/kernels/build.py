@@ -67,8 +67,9 @@ def build(source: str) -> Tuple[Path, bool]:
     name = re.sub(r"\W", "_", f"dnrt_{Path(source).stem}_{isa}_torch{torch.__version__}").lower()
     folder = Path(extension._get_build_directory(name, verbose=False))
     library, code = folder / f"{name}{extension.LIB_EXT}", Path(__file__).with_name(source)
+    newest = max(code.stat().st_mtime, Path(__file__).stat().st_mtime)  # the source, and the flags set here
     with FileLock(str(folder / "lock")):  # torch's own lock: a build in another process holds it
-        cached = library.exists() and library.stat().st_mtime >= code.stat().st_mtime
+        cached = library.exists() and library.stat().st_mtime >= newest
     if cached:
         torch.ops.load_library(str(library))
         return library, False
@@ -77,6 +78,7 @@ def build(source: str) -> Tuple[Path, bool]:
     _announce(folder.parent)
     flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", *ISA_FLAGS[isa]]
     extension.load(name, [str(code)], extra_cflags=flags, is_python_module=False, build_directory=str(folder))
+    library.touch()  # current, also where ninja found nothing to rebuild: the next process loads it directly
     return library, True
 
 
