@@ -4,7 +4,7 @@ from .arr import ARR, find_layers
 from .convert import convert
 from .kernels import set_fused
 from .memory import ResponseMemory
-from .raa import RAA
+from .raa import LazyRAA, RAA
 
-__all__ = ["ACTIVATIONS", "ARR", "GDN", "RAA", "ResponseMemory", "convert", "find_layers", "make_activation",
+__all__ = ["ACTIVATIONS", "ARR", "GDN", "LazyRAA", "RAA", "ResponseMemory", "convert", "find_layers", "make_activation",
            "set_fused"]
