@@ -1,0 +1,164 @@
+"""DNRT on Hugging Face transformers models: saving and loading converted models, ARR in the ``Trainer``,
+``hidden_act="raa"``. Imports transformers (``pip install dnrt[hf]``); ``import dnrt`` does not import this module.
+
+``dnrt.convert`` itself knows transformers' activation classes and, on a ``PreTrainedModel``, records what it
+replaced under ``config.dnrt``, so ``model.save_pretrained(path)`` keeps it; ``from_pretrained(cls, path)``
+rebuilds the model with those replacements before its weights load. ARR's memory is saved beside the model as
+``arr_state.safetensors`` (``save_arr``, ``load_arr``; ``DNRTTrainer`` does both in its checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import DNRTError
+from ..nn.arr import ARR
+from ..nn.convert import ConversionReport, rebuild
+
+CONFIG_KEY = "dnrt"
+ARR_FILE = "arr_state.safetensors"
+ARR_OPTIONS = ("num_classes", "layers", "reduce", "weight")
+
+
+def record_conversion(model: transformers.PreTrainedModel, report: ConversionReport) -> None:
+    """Add what ``convert`` replaced to ``model.config.dnrt`` (saved in config.json by ``save_pretrained``)."""
+    entry = dict(getattr(model.config, CONFIG_KEY, None) or {})
+    entry["modules"] = list(entry.get("modules", [])) + [dict(m) for m in report.modules]
+    setattr(model.config, CONFIG_KEY, entry)
+
+
+def from_pretrained(cls: Any, path: Union[str, os.PathLike], **kwargs: Any) -> transformers.PreTrainedModel:
+    """``cls.from_pretrained(path, **kwargs)`` (a model class or an ``AutoModelFor...``) that gives back a converted
+    model as it was saved: the replacements recorded in its config's ``dnrt`` entry are made as the model is built,
+    so transformers' own loader fills them. A replacement's tensor missing from the weights is an error (it would
+    start untrained); a checkpoint without the entry loads as ``cls.from_pretrained`` does."""
+    config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path)
+    entry = getattr(config, CONFIG_KEY, None)
+    if not entry:
+        return cls.from_pretrained(path, config=config, **kwargs)
+    concrete = _model_class(cls, config)
+    converted = type(concrete.__name__, (concrete,), {"__init__": _converting_init(concrete, entry["modules"]),
+                                                       "__module__": concrete.__module__})
+    model, info = converted.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    model.__class__ = concrete  # the subclass only built it: the model is of the class the user named
+    prefixes = tuple(f"{name}." for m in entry["modules"] for name in m["names"])
+    missing = sorted(k for k in info.get("missing_keys", []) if k.startswith(prefixes))
+    if missing:
+        raise DNRTError(f"{path}: the weights lack {len(missing)} tensors of the converted activations its config "
+                        f"records ({', '.join(missing[:3])})")
+    return model
+
+
+def _model_class(cls: Any, config: transformers.PretrainedConfig) -> type:
+    """The concrete model class: ``cls`` itself, or the one an ``AutoModel...`` class picks for ``config``."""
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is None:
+        return cls
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    return _get_model_class(config, mapping)
+
+
+def _converting_init(concrete: type, modules: List[Dict[str, Any]]):
+    def __init__(self, config, *args, **kwargs):
+        concrete.__init__(self, config, *args, **kwargs)
+        rebuild(self, modules)
+    return __init__
+
+
+def save_pretrained(model: transformers.PreTrainedModel, path: Union[str, os.PathLike], arr: Optional[ARR] = None,
+                    **kwargs: Any) -> None:
+    """``model.save_pretrained(path, **kwargs)``, and ARR's memory and options beside it (``save_arr``)."""
+    model.save_pretrained(path, **kwargs)
+    if arr is not None:
+        save_arr(arr, path)
+
+
+def save_arr(arr: ARR, folder: Union[str, os.PathLike]) -> Path:
+    """ARR's memory as ``folder/arr_state.safetensors``, its options in the file's metadata; written atomically."""
+    if arr.memory is None:
+        raise DNRTError("save_arr: this ARR has no memory yet (run one training step, or load one)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    options = {"num_classes": arr.num_classes, "layers": arr.layers, "reduce": arr.reduce, "weight": arr.weight,
+               **arr._memory_options}
+    state = {k: v.detach().cpu().contiguous() for k, v in arr.state_dict().items()}
+    tmp = folder / f".{ARR_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"dnrt_arr": json.dumps(options)})
+    os.replace(tmp, folder / ARR_FILE)
+    return folder / ARR_FILE
+
+
+def load_arr(target: Union[ARR, nn.Module], folder: Union[str, os.PathLike]) -> ARR:
+    """Load ``folder/arr_state.safetensors`` into an ARR, or, given the model, build its ARR with the saved options
+    first; returns the ARR. A folder without the file is an error (a memory silently starting afresh is not)."""
+    file = Path(folder) / ARR_FILE
+    if not file.is_file():
+        raise DNRTError(f"no ARR memory in {folder} ({ARR_FILE} missing)")
+    if isinstance(target, ARR):
+        arr = target
+    else:
+        with safe_open(str(file), framework="pt") as f:
+            options = json.loads((f.metadata() or {}).get("dnrt_arr", "{}"))
+        if not options:
+            raise DNRTError(f"{file} does not hold ARR's options; build dnrt.ARR yourself and pass it to load_arr")
+        arr = ARR(target, **options)
+    arr.load_state_dict(load_file(str(file)))
+    return arr
+
+
+class DNRTTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` that adds ``arr.loss(labels)`` to the model's loss, saves ARR's memory in every
+    checkpoint (and ``save_model``) as ``arr_state.safetensors``, and restores it on ``resume_from_checkpoint``.
+
+    Build ``arr = dnrt.ARR(model, num_classes)`` on the converted model before the Trainer; every training batch
+    needs ``labels``."""
+
+    def __init__(self, *args: Any, arr: ARR, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arr = arr
+
+    def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Optional[Union[torch.Tensor, int]] = None, **kwargs: Any):
+        labels = inputs.get("labels")
+        if labels is None:
+            if model.training:
+                raise DNRTError("DNRTTrainer: a training batch without 'labels'; ARR needs each sample's class")
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch, **kwargs)
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch, **kwargs)
+        arr_loss = self.arr.loss(labels)
+        if model.training and self._loss_scaled_for_accumulation(num_items_in_batch):
+            arr_loss = arr_loss / getattr(self, "current_gradient_accumulation_steps",
+                                          self.args.gradient_accumulation_steps)
+        loss = loss + arr_loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether the Trainer leaves this loss undivided by the accumulation steps (ARR's is a per-batch mean)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save and self.arr.memory is not None:
+            save_arr(self.arr, output_dir or self.args.output_dir)
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, **kwargs: Any):
+        if resume_from_checkpoint:
+            folder = resume_from_checkpoint
+            if folder is True:
+                folder = transformers.trainer_utils.get_last_checkpoint(self.args.output_dir)
+                if folder is None:
+                    raise DNRTError(f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir}")
+            load_arr(self.arr, folder)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
