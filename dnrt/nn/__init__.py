@@ -4,7 +4,7 @@ from .arr import ARR, find_layers
 from .convert import ConversionReport, conversion_report, convert
 from .kernels import set_fused
 from .memory import ResponseMemory
-from .raa import RAA
+from .raa import LazyRAA, RAA
 
-__all__ = ["ACTIVATIONS", "ARR", "ConversionReport", "GDN", "RAA", "ResponseMemory", "conversion_report", "convert",
-           "find_layers", "make_activation", "set_fused"]
+__all__ = ["ACTIVATIONS", "ARR", "ConversionReport", "GDN", "LazyRAA", "RAA", "ResponseMemory", "conversion_report",
+           "convert", "find_layers", "make_activation", "set_fused"]
