@@ -225,3 +225,29 @@ def test_trainer_adds_arr_saves_its_memory_and_resumes_it(tmp_path):
     (tmp_path / "checkpoint-4" / hf.ARR_FILE).unlink()
     with pytest.raises(dnrt.DNRTError, match="no ARR memory in .*checkpoint-4"):
         trainer(tmp_path, fresh, dnrt.ARR(fresh, num_classes=2), 5).train(resume_from_checkpoint=True)
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_hidden_act_raa_builds_trains_and_round_trips(name, tmp_path):
+    hf.register()
+    torch.manual_seed(0)
+    build, x = MODELS[name]
+    if name == "vit":
+        model = T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                        intermediate_size=64, image_size=32, patch_size=8,
+                                                        num_labels=3, hidden_act="raa"))
+    else:
+        model = T.BertForSequenceClassification(T.BertConfig(
+            vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=16, num_labels=2, hidden_act="raa_relu"))
+    model(x)  # sizes the LazyRAA modules
+    raas = [m for m in model.modules() if isinstance(m, dnrt.RAA)]
+    assert len(raas) == 2 and all(m.num_features == 64 and m.channel_dim == -1 for m in raas)
+    assert raas[0].base == ("gelu" if name == "vit" else "relu")
+    torch.optim.SGD(model.parameters(), lr=0.1).zero_grad()
+    model(x).logits.sum().backward()
+    assert raas[0].weight.grad.abs().sum() > 0
+    trained_looking(model).eval()
+    model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(type(model), tmp_path).eval()
+    assert torch.equal(logits(loaded, x), logits(model, x))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import transformers
@@ -41,11 +41,15 @@ def from_pretrained(cls: Any, path: Union[str, os.PathLike], **kwargs: Any) -> t
     so transformers' own loader fills them. A replacement's tensor missing from the weights is an error (it would
     start untrained); a checkpoint without the entry loads as ``cls.from_pretrained`` does."""
     config = kwargs.pop("config", None) or transformers.AutoConfig.from_pretrained(path)
-    entry = getattr(config, CONFIG_KEY, None)
-    if not entry:
+    entry = getattr(config, CONFIG_KEY, None) or {"modules": []}
+    lazy = _names_raa(config)
+    if lazy:
+        register()
+    if not entry["modules"] and not lazy:
         return cls.from_pretrained(path, config=config, **kwargs)
     concrete = _model_class(cls, config)
-    converted = type(concrete.__name__, (concrete,), {"__init__": _converting_init(concrete, entry["modules"]),
+    saved = _saved_raa(path) if lazy else {}
+    converted = type(concrete.__name__, (concrete,), {"__init__": _converting_init(concrete, entry["modules"], saved),
                                                        "__module__": concrete.__module__})
     model, info = converted.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     model.__class__ = concrete  # the subclass only built it: the model is of the class the user named
@@ -67,11 +71,53 @@ def _model_class(cls: Any, config: transformers.PretrainedConfig) -> type:
     return _get_model_class(config, mapping)
 
 
-def _converting_init(concrete: type, modules: List[Dict[str, Any]]):
+def _converting_init(concrete: type, modules: List[Dict[str, Any]], saved: Dict[str, Tuple[int, int]]):
     def __init__(self, config, *args, **kwargs):
         concrete.__init__(self, config, *args, **kwargs)
         rebuild(self, modules)
+        _size_lazy(self, saved)
     return __init__
+
+
+def _names_raa(config: transformers.PretrainedConfig) -> bool:
+    """Whether a config's activation is one ``register`` adds (the model then holds LazyRAA modules)."""
+    return any(getattr(config, key, None) in ACT_NAMES for key in ("hidden_act", "hidden_activation", "activation"))
+
+
+def _saved_raa(path: Union[str, os.PathLike]) -> Dict[str, Tuple[int, int]]:
+    """{saved RAA module name: (width, channel_dim)} from a checkpoint's safetensors file(s): what LazyRAA
+    modules need before transformers' loader (which sets tensors without ``load_state_dict``) can fill them."""
+    from transformers.utils import cached_file
+
+    index = cached_file(str(path), "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False)
+    files = ({cached_file(str(path), f) for f in json.loads(Path(index).read_text())["weight_map"].values()}
+             if index else {cached_file(str(path), "model.safetensors")})
+    found = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(".kind") and key[:-5] + ".bias" in f.keys():
+                    kind = f.get_tensor(key)
+                    weight = key[:-5] + ".weight"
+                    width = f.get_slice(weight).get_shape()[0] if weight in f.keys() else 1
+                    found[key[:-5]] = (int(width), int(kind[2]))
+    return found
+
+
+def _size_lazy(model: nn.Module, saved: Dict[str, Tuple[int, int]]) -> None:
+    """Give each LazyRAA the width and layout its saved state has (by name, or by the name's last part where
+    transformers renames keys on saving, if all such states agree)."""
+    from ..nn.raa import LazyRAA
+
+    for name, module in model.named_modules():
+        if not isinstance(module, LazyRAA) or not module.has_uninitialized_params():
+            continue
+        leaf = "." + name.rsplit(".", 1)[-1]
+        sizes = {saved[name]} if name in saved else {v for k, v in saved.items() if k.endswith(leaf)}
+        if len(sizes) != 1:
+            raise DNRTError(f"cannot tell the width of {name} (hidden_act RAA) from the checkpoint: "
+                            f"{'no saved state' if not sizes else f'saved states of several widths {sorted(sizes)}'}")
+        module._materialize(*sizes.pop())
 
 
 def save_pretrained(model: transformers.PreTrainedModel, path: Union[str, os.PathLike], arr: Optional[ARR] = None,
@@ -162,3 +208,24 @@ class DNRTTrainer(transformers.Trainer):
                     raise DNRTError(f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir}")
             load_arr(self.arr, folder)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+ACT_NAMES = {"raa": {}, "raa_relu": {"base": "relu"}}
+
+
+def register() -> None:
+    """Make ``hidden_act="raa"`` (and ``"raa_relu"``) name ``dnrt.LazyRAA`` in transformers' activation tables
+    (``ACT2CLS``, ``ACT2FN``), so a config can build a model with RAA; call it before building or loading one.
+
+    A LazyRAA takes its width from its first input: run one forward (or load a state) before creating the
+    optimizer. It finds feature vectors last in tokens and along dim 1 in 4-d maps: a model applying its
+    activation to channels-last maps (Hugging Face ConvNeXt) needs ``dnrt.convert`` instead."""
+    from transformers import activations
+
+    from ..nn.raa import LazyRAA
+
+    for name, options in ACT_NAMES.items():
+        entry = (LazyRAA, options) if options else LazyRAA
+        activations.ACT2CLS[name] = entry
+        if activations.ACT2FN is not activations.ACT2CLS:
+            activations.ACT2FN[name] = entry
