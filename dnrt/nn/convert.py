@@ -77,8 +77,8 @@ class ConversionReport:
         return sum(self.replaced.values())
 
     def __str__(self) -> str:
-        return (f"dnrt.convert({self.model}): replaced {self.total} with {self.activation!r} ({_counts(self.replaced)});"
-                f" kept {_counts(self.kept)}; functional calls {_counts(self.functional)}")
+        return (f"dnrt.convert({self.model}): replaced {self.total} with {self.activation!r} "
+                f"({_counts(self.replaced)}); kept {_counts(self.kept)}; functional calls {_counts(self.functional)}")
 
     def to_dict(self) -> Dict[str, object]:
         """Plain types, for a run's config.json or a saved model config."""
@@ -219,7 +219,7 @@ def _names(model: nn.Module) -> Dict[int, List[str]]:
 def _check(report: ConversionReport, replace, strict: bool) -> None:
     """Refuse (or warn about) a convert that replaced nothing; warn about activations kept or moved at step 0."""
     approx = [name for name in report.replaced if name.startswith("GELU(") or _is_approx_name(name)]
-    if approx and activation_is_gelu_based(report.activation):
+    if approx and _gelu_based(report.activation):
         warnings.warn(f"dnrt.convert: {', '.join(approx)} converted to the erf-based {report.activation!r}: "
                       "the outputs move at step 0 (by up to about 5e-4 per activation)", stacklevel=3)
     option = f"replace='all' or replace=({', '.join(report.kept) or 'TYPES'},)"
@@ -241,7 +241,7 @@ def _is_approx_name(name: str) -> bool:
     return any(cls == name and kind == "approx" for _, cls, kind in LIBRARY_KINDS)
 
 
-def activation_is_gelu_based(name: str) -> bool:
+def _gelu_based(name: str) -> bool:
     return name in ("raa", "gelu")
 
 
@@ -307,7 +307,8 @@ def _trace(model: nn.Module, example_input, chosen):
     for module in model.modules():
         is_chosen = chosen(module) and not isinstance(module, WidthDispatch)
         if is_chosen or activation_kind(module) is not None:
-            found[_display(module)] += 1
+            if is_chosen or not isinstance(module, (RAA, GDN)):  # dnrt's own count only when asked for
+                found[_display(module)] += 1
             handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(leave, always_call=True))
         if is_chosen:
