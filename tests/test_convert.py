@@ -142,6 +142,8 @@ def test_report_counts_every_replaced_class():
     assert dnrt.convert(vit, torch.randn(1, 3, 32, 32)) is vit
     report = dnrt.conversion_report(vit)
     assert report.replaced == {"GELU": 2} and report.kept == {} and report.functional == {}
+    with pytest.raises(dnrt.DNRTError, match=r"replaced nothing in VisionTransformer \(it already holds 2 RAA"):
+        dnrt.convert(vit, torch.randn(1, 3, 32, 32))
     resnet = TV["resnet18"]()
     relus = sum(isinstance(m, nn.ReLU) for m in resnet.modules())
     dnrt.convert(resnet, torch.randn(1, 3, 32, 32))

@@ -175,11 +175,13 @@ class DNRTTrainer(transformers.Trainer):
     def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Optional[Union[torch.Tensor, int]] = None, **kwargs: Any):
         labels = inputs.get("labels")
+        if num_items_in_batch is not None:  # transformers < 4.46 has no such argument
+            kwargs["num_items_in_batch"] = num_items_in_batch
         if labels is None:
             if model.training:
                 raise DNRTError("DNRTTrainer: a training batch without 'labels'; ARR needs each sample's class")
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch, **kwargs)
-        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch, **kwargs)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         arr_loss = self.arr.loss(labels)
         if model.training and self._loss_scaled_for_accumulation(num_items_in_batch):
             arr_loss = arr_loss / getattr(self, "current_gradient_accumulation_steps",

@@ -195,7 +195,7 @@ def convert(
     report = ConversionReport(type(model).__name__, activation, dict(replaced), kept, functional, done)
     model.__dict__["_dnrt_conversion"] = report
     logger.info("%s", report)
-    _check(report, replace, strict)
+    _check(report, replace, strict, sum(isinstance(m, RAA) for m in model.modules()))
     if report.total and _is_hf_model(model):
         from ..integrations.hf import record_conversion
 
@@ -216,7 +216,7 @@ def _names(model: nn.Module) -> Dict[int, List[str]]:
     return names
 
 
-def _check(report: ConversionReport, replace, strict: bool) -> None:
+def _check(report: ConversionReport, replace, strict: bool, raas: int) -> None:
     """Refuse (or warn about) a convert that replaced nothing; warn about activations kept or moved at step 0."""
     approx = [name for name in report.replaced if name.startswith("GELU(") or _is_approx_name(name)]
     if approx and _gelu_based(report.activation):
@@ -228,7 +228,8 @@ def _check(report: ConversionReport, replace, strict: bool) -> None:
                  "moves the outputs at step 0)") if report.kept else "no activation modules"
         calls = (f"; functional activation calls in its forward, which convert cannot replace: "
                  f"{_counts(report.functional)}") if report.functional else ""
-        message = f"dnrt.convert replaced nothing in {report.model}: {found}{calls}"
+        held = f" (it already holds {raas} RAA modules)" if raas else ""
+        message = f"dnrt.convert replaced nothing in {report.model}{held}: {found}{calls}"
         if strict:
             raise DNRTError(message)
         warnings.warn(message, stacklevel=3)
