@@ -209,7 +209,16 @@ class DNRTTrainer(transformers.Trainer):
                 if folder is None:
                     raise DNRTError(f"resume_from_checkpoint=True: no checkpoint in {self.args.output_dir}")
             load_arr(self.arr, folder)
+            self._load_weights(folder)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_weights(self, folder: Union[str, os.PathLike]) -> None:
+        """The checkpoint's model weights, read through ``from_pretrained``: transformers 5 saves some models' keys
+        renamed (ViT's ``vit.layers`` as ``vit.encoder.layer``) and its Trainer's resume loads them without the
+        renaming, silently keeping the fresh weights; the Trainer's own load that follows leaves these in place."""
+        model = self.model
+        if isinstance(model, transformers.PreTrainedModel):
+            model.load_state_dict(from_pretrained(type(model), folder).state_dict())
 
 
 ACT_NAMES = {"raa": {}, "raa_relu": {"base": "relu"}}
