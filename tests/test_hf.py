@@ -23,6 +23,18 @@ def bert():
     return T.BertForSequenceClassification(config)
 
 
+def deit():
+    config = T.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          image_size=32, patch_size=8, num_labels=3)
+    return T.DeiTForImageClassification(config)
+
+
+def roberta():
+    config = T.RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    return T.RobertaForSequenceClassification(config)
+
+
 def convnext():
     config = T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, image_size=32)
     return T.ConvNextForImageClassification(config)
@@ -40,7 +52,8 @@ def llama():
 
 IMAGES = torch.randn(4, 3, 32, 32)
 TOKENS = torch.randint(1, 50, (4, 9))
-MODELS = {"vit": (vit, IMAGES), "bert": (bert, TOKENS), "convnext": (convnext, IMAGES)}
+MODELS = {"vit": (vit, IMAGES), "bert": (bert, TOKENS), "convnext": (convnext, IMAGES), "deit": (deit, IMAGES),
+          "roberta": (roberta, TOKENS)}
 
 
 def logits(model, x):
@@ -58,9 +71,12 @@ def block_outputs(model, names, x):
     return {n: o[0] if isinstance(o, tuple) else o for n, o in out.items()}
 
 
-def test_import_dnrt_loads_no_transformers():
+def test_import_dnrt_loads_no_transformers_and_registers_nothing():
     code = "import sys, dnrt, dnrt.integrations; assert 'transformers' not in sys.modules, 'loaded'"
     subprocess.run([sys.executable, "-c", code], check=True)
+    code = ("import dnrt.integrations.hf as hf, transformers.activations as a; assert 'raa' not in a.ACT2CLS; "
+            "hf.register(); assert a.ACT2CLS['raa'] is dnrt.LazyRAA and 'raa_relu' in a.ACT2FN")
+    subprocess.run([sys.executable, "-c", "import dnrt; " + code], check=True)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -90,7 +106,9 @@ def test_approximated_gelu_and_silu_convert_only_on_request(build, cls):
 
 
 @pytest.mark.parametrize("name, layers", [("vit", ["vit.layers.0", "vit.layers.1"]),
-                                          ("bert", ["bert.encoder.layer.0", "bert.encoder.layer.1"])])
+                                          ("bert", ["bert.encoder.layer.0", "bert.encoder.layer.1"]),
+                                          ("deit", ["deit.layers.0", "deit.layers.1"]),
+                                          ("roberta", ["roberta.encoder.layer.0", "roberta.encoder.layer.1"])])
 def test_arr_auto_finds_the_blocks_and_takes_the_class_token(name, layers):
     torch.manual_seed(0)
     build, x = MODELS[name]
