@@ -180,7 +180,7 @@ def test_from_pretrained_refuses_missing_raa_weights(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     save_file({k: v for k, v in state.items() if "activation_fn.weight" not in k}, tmp_path / "model.safetensors",
               metadata={"format": "pt"})
-    with pytest.raises(dnrt.DNRTError, match="the weights lack 2 tensors of the converted activations"):
+    with pytest.raises(dnrt.DNRTError, match="the weights lack 2 tensors of the RAA modules its config records"):
         hf.from_pretrained(T.ViTForImageClassification, tmp_path)
 
 

@@ -22,10 +22,10 @@ from torch import nn
 from ..errors import DNRTError
 from ..nn.arr import ARR
 from ..nn.convert import ConversionReport, rebuild
+from ..nn.raa import LazyRAA, RAA
 
 CONFIG_KEY = "dnrt"
 ARR_FILE = "arr_state.safetensors"
-ARR_OPTIONS = ("num_classes", "layers", "reduce", "weight")
 
 
 def record_conversion(model: transformers.PreTrainedModel, report: ConversionReport) -> None:
@@ -53,11 +53,11 @@ def from_pretrained(cls: Any, path: Union[str, os.PathLike], **kwargs: Any) -> t
                                                        "__module__": concrete.__module__})
     model, info = converted.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     model.__class__ = concrete  # the subclass only built it: the model is of the class the user named
-    prefixes = tuple(f"{name}." for m in entry["modules"] for name in m["names"])
+    prefixes = tuple(f"{name}." for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, RAA))
     missing = sorted(k for k in info.get("missing_keys", []) if k.startswith(prefixes))
     if missing:
-        raise DNRTError(f"{path}: the weights lack {len(missing)} tensors of the converted activations its config "
-                        f"records ({', '.join(missing[:3])})")
+        raise DNRTError(f"{path}: the weights lack {len(missing)} tensors of the RAA modules its config records "
+                        f"({', '.join(missing[:3])})")
     return model
 
 
@@ -107,8 +107,6 @@ def _saved_raa(path: Union[str, os.PathLike]) -> Dict[str, Tuple[int, int]]:
 def _size_lazy(model: nn.Module, saved: Dict[str, Tuple[int, int]]) -> None:
     """Give each LazyRAA the width and layout its saved state has (by name, or by the name's last part where
     transformers renames keys on saving, if all such states agree)."""
-    from ..nn.raa import LazyRAA
-
     for name, module in model.named_modules():
         if not isinstance(module, LazyRAA) or not module.has_uninitialized_params():
             continue
@@ -232,9 +230,6 @@ def register() -> None:
     optimizer. It finds feature vectors last in tokens and along dim 1 in 4-d maps: a model applying its
     activation to channels-last maps (Hugging Face ConvNeXt) needs ``dnrt.convert`` instead."""
     from transformers import activations
-
-    from ..nn.raa import LazyRAA
-
     for name, options in ACT_NAMES.items():
         entry = (LazyRAA, options) if options else LazyRAA
         activations.ACT2CLS[name] = entry
