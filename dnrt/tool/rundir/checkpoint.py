@@ -69,14 +69,14 @@ def checkpoint_in(path: str | os.PathLike, best: bool = False) -> tuple[str, str
     return str(path / name), f"-r {path} is a run folder: using its {kind} checkpoint, {path / name}"
 
 
-def unreadable(error: Exception) -> str:
+def unreadable(error: Exception, what: str = "a dnrt checkpoint") -> str:
     """Why torch.load(weights_only=True) refused a file, in our words (torch's text names its internals)."""
     if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
         return "is not a weights-only file: it holds pickled Python objects, which dnrt does not load (they can run " \
                "code); save its state_dict with torch.save, or give a checkpoint of `dnrt train`"
     if isinstance(error, OSError):
         return f"cannot be read: {error.strerror or error}"
-    return "is corrupt or not a dnrt checkpoint (torch.load cannot read it)"
+    return f"is corrupt or not {what} (torch.load cannot read it)"
 
 
 def non_finite_tensors(state: dict[str, Any] | None) -> list[str]:
