@@ -81,9 +81,10 @@ def test_a_held_folder_is_refused_naming_the_holder(fast, tmp_path, capsys):
     with rundir.owned(run):
         assert main_py(["-c", str(config), "--output_dir", str(run)]) == 1
         err = one_line(capsys)
-    assert re.fullmatch(rf"error: {re.escape(str(run))} is in use by another run \(host {re.escape(socket.gethostname())}"
-                        rf", PID {os.getpid()}, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d \S+\); wait for it to end, "
-                        r"or choose another output_dir", err), err
+    host = re.escape(socket.gethostname())
+    assert re.fullmatch(rf"error: {re.escape(str(run))} is in use by another run \(host {host}, PID {os.getpid()}, "
+                        r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+\); wait for it to end, or choose another "
+                        r"output_dir", err), err
     assert sorted(p.name for p in run.iterdir()) == [rundir.LOCK]  # nothing else written
 
 
@@ -347,3 +348,17 @@ def test_out_naming_a_folder_writes_into_it(fast, tmp_path, capsys, name):
     assert main(["plot", "curves", str(run), "--out", str(out) + ("/" if name.endswith("/") else "")]) == 0
     assert main(["compare", str(run), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.md", "curves.csv", "curves.png"]
+
+
+@pytest.mark.parametrize("delay", [0.2, 1.5])
+def test_ctrl_c_at_startup_is_one_line_and_130(fast, tmp_path, delay):
+    """Ctrl-C while torch and the tool load (the first seconds of main.py) ends like one later on."""
+    config, _ = fast
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "-c", str(config), "--output_dir",
+                             str(tmp_path / "run"), "--epochs", "500"], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].strip()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err == "interrupted" or re.fullmatch(r"stopped by SIGINT: .*; the same command continues the run", err), err

@@ -93,7 +93,8 @@ def write_comparison(run_dirs: Sequence[str | Path], out: Optional[str | Path] =
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `dnrt compare`."""
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; the first is the reference")
-    parser.add_argument("--out", default=None, help="file or folder for compare.md (an existing folder, or one ending in /; default: the first run dir)")
+    parser.add_argument("--out", default=None, help="file or folder for compare.md (an existing folder, or one "
+                                                    "ending in /; default: the first run dir)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,8 +23,8 @@ from dnrt.tool.rundir.manifest import record, remove_run, split_files
 
 __all__ = ["BEST", "COMMAND_KEYS", "CONFIG", "EVAL", "LATEST", "LOCK", "LOG", "MANIFEST", "NEUTRAL_KEYS", "Plan",
            "RunLock", "TENSORBOARD", "append_log", "atomic_write", "best_and_last", "changed_keys", "check_log",
-           "checkpoint_in", "checkpoint_state", "describe", "dumps", "is_dnrt_config", "is_folder_target", "load_checkpoint",
-           "load_run", "load_weights", "log_lines", "non_finite_tensors", "numbered", "output_error", "output_path",
-           "owned", "plan_run", "read_config", "read_json", "read_log", "record", "remove_run", "remove_temp_files",
-           "result_changes", "save_checkpoint", "split_files", "start_log", "temp_beside", "unreadable",
-           "usable_folder", "write_config", "write_eval", "write_json", "write_text"]
+           "checkpoint_in", "checkpoint_state", "describe", "dumps", "is_dnrt_config", "is_folder_target",
+           "load_checkpoint", "load_run", "load_weights", "log_lines", "non_finite_tensors", "numbered",
+           "output_error", "output_path", "owned", "plan_run", "read_config", "read_json", "read_log", "record",
+           "remove_run", "remove_temp_files", "result_changes", "save_checkpoint", "split_files", "start_log",
+           "temp_beside", "unreadable", "usable_folder", "write_config", "write_eval", "write_json", "write_text"]
