@@ -117,18 +117,40 @@ def test_a_second_run_into_a_running_folder_is_refused_and_the_first_log_stays_w
 
 def test_the_lock_of_a_killed_process_does_not_block(tmp_path):
     run = tmp_path / "run"
+    run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from dnrt.tool import rundir; "
                                "lock = rundir.RunLock(sys.argv[1]).acquire(); print('held', flush=True); "
                                "time.sleep(600)", str(run)], env=ENV, stdout=subprocess.PIPE, text=True)
-    run.mkdir()
-    assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(DNRTError, match=f"PID {holder.pid}"):
-        rundir.RunLock(run).acquire()
-    holder.kill()
-    holder.wait()
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DNRTError, match=f"PID {holder.pid}"):
+            rundir.RunLock(run).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
     lock = rundir.RunLock(run).acquire()  # the kernel dropped the dead process's lock; its file stays
     assert json.loads((run / rundir.LOCK).read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_a_forked_child_does_not_keep_the_folder_locked(tmp_path):
+    """Data-loader workers are forked while the run holds its lock: the lock ends with the run, not with them."""
+    lock = rundir.RunLock(tmp_path).acquire()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the fork hooks have run when fork returns here
+        os.write(write, b"1")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(read, 1) == b"1"
+        lock.release()
+        rundir.RunLock(tmp_path).acquire().release()  # while the child lives
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(read)
+        os.close(write)
 
 
 def test_read_only_commands_take_no_lock(fast, tmp_path, capsys):

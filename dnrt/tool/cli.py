@@ -37,8 +37,8 @@ def run_parser(prog: str, description: str, eval_only: bool = False) -> argparse
     parser.add_argument("-c", "--config", help="python config file (module-level variables; `from _base_ import *` "
                                                "works); without it, eval takes the checkpoint's own config")
     if eval_only:
-        parser.add_argument("--out", default=None, help="file or folder for eval.json (default: beside the "
-                                                        "checkpoint evaluated)")
+        parser.add_argument("--out", default=None, help="file or folder for eval.json (default: --output_dir when "
+                                                        "given, else beside the checkpoint evaluated)")
     return parser
 
 
@@ -93,7 +93,7 @@ def run_tool(argv: Sequence[str], parser: argparse.ArgumentParser, eval_only: bo
     if cfg["eval"]:
         if not cfg["resume"]:
             raise DNRTError(NO_CHECKPOINT)
-        evaluate_checkpoint(cfg, cfg["resume"], out)
+        evaluate_checkpoint(cfg, cfg["resume"], out or overrides.get("output_dir"))  # else beside the checkpoint
         return 0
     result = train(cfg)
     if "test_acc1" in result:

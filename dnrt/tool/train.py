@@ -486,10 +486,8 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
         drop_lr_now(scheduler, optimizer, lr_scale)
     scheduler.step_update(start_epoch * len(loader))  # the schedule of this run's length at its start or resume point
     if main:
-        explicit = plan.checkpoint and plan.checkpoint == cfg["resume"]  # plan_run checked the folder's own continue
-        note = R.check_log(out, start_epoch, plan.checkpoint) if explicit else None
-        if note:
-            print(note, flush=True)
+        if plan.checkpoint and plan.checkpoint == cfg["resume"] and (out / R.LOG).is_file():  # -r given: check
+            R.check_log(out, start_epoch, plan.checkpoint)
         start_files(out, cfg, resumes, start_epoch, plan.checkpoint)
     D.barrier()
     writer = tensorboard(out) if main else None

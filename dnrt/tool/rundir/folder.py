@@ -21,13 +21,19 @@ from dnrt.tool.rundir.manifest import remove_run
 @contextmanager
 def owned(folder: str | Path, owner: bool = True) -> Iterator[Optional[RunLock]]:
     """The run folder, created if missing and locked for this process while the block runs (`owner`: rank 0 under
-    torchrun; the other ranks hold nothing)."""
+    torchrun; the other ranks hold nothing); a folder it created and nothing wrote into is removed again."""
     if not owner:
         yield None
         return
+    created = not Path(folder).exists()
     usable_folder(folder)
     with RunLock(folder) as lock:
-        yield lock
+        try:
+            yield lock
+        except BaseException:
+            if created:  # a run refused or failed before writing anything leaves no empty folder behind
+                lock.discard_folder()
+            raise
 
 
 def best_and_last(rows: list[dict[str, Any]]) -> tuple[Optional[float], Optional[float]]:

@@ -19,6 +19,23 @@ from dnrt.errors import DNRTError
 from dnrt.tool.rundir.files import LOCK, file_mode, fsync_folder
 
 
+_HELD: set[int] = set()  # this process's lock descriptors
+
+
+def _forget_in_child() -> None:
+    """A forked child (a data-loader worker) drops its copies of the lock descriptors: closing a copy leaves the
+    parent's lock alone, and a child outliving its parent then cannot keep the folder locked."""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class RunLock:
     """The exclusive lock of one run folder, held from `acquire` to `release` (or the process's end)."""
 
@@ -29,6 +46,22 @@ class RunLock:
     def acquire(self) -> "RunLock":
         """Take the lock or refuse in one line naming the holder; write this process into the file."""
         created = not self.path.exists()
+        fd = self._locked()
+        while fd is None:  # the file was unlinked between our open and our lock (a folder given up): lock the new one
+            fd = self._locked()
+        info = {"host": socket.gethostname(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        if created:
+            fsync_folder(self.path.parent)
+        self.fd = fd
+        _HELD.add(fd)
+        return self
+
+    def _locked(self) -> Optional[int]:
+        """A descriptor of the lock file, flocked; None when the file we locked is no longer the one at the path."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode())
         except OSError as e:
@@ -42,18 +75,26 @@ class RunLock:
                                 f"end, or choose another output_dir") from None
             raise DNRTError(f"cannot lock {self.path}: {e.strerror or e} (the file system refuses flock; for "
                             f"Lustre mount with -o flock)") from None
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        os.fsync(fd)
-        if created:
-            fsync_folder(self.path.parent)
-        self.fd = fd
-        return self
+        try:
+            same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            return None
+        return fd
+
+    def discard_folder(self) -> None:
+        """Remove the lock file and its folder when the lock is all the folder holds (a run that stopped before
+        writing anything leaves no folder behind); called while holding the lock."""
+        folder = self.path.parent
+        if self.fd is not None and [p.name for p in folder.iterdir()] == [LOCK]:
+            self.path.unlink()
+            folder.rmdir()
 
     def release(self) -> None:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = None
 
