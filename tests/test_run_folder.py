@@ -257,6 +257,8 @@ def test_eval_of_a_copied_run_writes_into_the_copy(fast, tmp_path, capsys):
     assert snapshot(run) == before and not (run / "eval.json").exists()
     assert main(["eval", "-r", str(copy / "checkpoint_0000.pth"), "--out", str(tmp_path / "e0.json")]) == 0
     assert json.loads((tmp_path / "e0.json").read_text())["epoch"] == 0
+    assert main(["eval", "-r", str(copy), "--output_dir", str(tmp_path / "evals v1.2")]) == 0  # a folder
+    assert (tmp_path / "evals v1.2" / "eval.json").is_file()
 
 
 # modes under the umask

@@ -93,7 +93,8 @@ def run_tool(argv: Sequence[str], parser: argparse.ArgumentParser, eval_only: bo
     if cfg["eval"]:
         if not cfg["resume"]:
             raise DNRTError(NO_CHECKPOINT)
-        evaluate_checkpoint(cfg, cfg["resume"], out or overrides.get("output_dir"))  # else beside the checkpoint
+        folder = overrides.get("output_dir")  # a folder, dots in its name or not
+        evaluate_checkpoint(cfg, cfg["resume"], out or (os.path.join(folder, "") if folder else None))
         return 0
     result = train(cfg)
     if "test_acc1" in result:
