@@ -9,7 +9,7 @@ from torch import nn
 import dnrt
 from dnrt import compat
 from dnrt.errors import DNRTError
-from dnrt.tool.checkpoint import load_checkpoint, load_run
+from dnrt.tool.rundir import load_checkpoint, load_run
 from dnrt.tool.cli import main, main_py
 from dnrt.tool.config import load_config
 from dnrt.tool.train import build_model, model_args

@@ -101,7 +101,7 @@ def test_dnrt_export_command(tmp_path, capsys):
     assert main(["export", "-r", str(checkpoint), "--format", "pt2"]) == 0
     out = capsys.readouterr().out
     assert f"as pt2 to {tmp_path / 'run' / 'checkpoint.pt2'}" in out and "max |export - eager|" in out
-    from dnrt.tool.checkpoint import load_run
+    from dnrt.tool.rundir import load_run
 
     trained, _, _ = load_run(checkpoint)
     x = torch.randn(4, 3, 8, 8)

@@ -121,7 +121,7 @@ def test_clear_refusals(tmp_path):
     with pytest.raises(DNRTError, match="pretrained_file not found"):
         vit(pretrained_file=str(tmp_path / "nothing.pth"))
     (tmp_path / "notes.pth").write_text("not weights")
-    with pytest.raises(DNRTError, match="is not a weights file"):
+    with pytest.raises(DNRTError, match="is corrupt or not a weights file"):
         vit(pretrained_file=str(tmp_path / "notes.pth"))
     torch.save(vit(model_kwargs={**VIT["model_kwargs"], "embed_dim": 16}).state_dict(), tmp_path / "narrow.pth")
     with pytest.raises(DNRTError, match=r"do not fit the model .*cls_token \(1, 1, 16\) in the file, \(1, 1, 32\)"):

@@ -373,7 +373,7 @@ def test_fully_shard_of_a_converted_model_in_a_one_process_group(tmp_path):
 def test_a_state_with_a_0_d_bias_from_an_older_dnrt_loads_with_equal_outputs(shift):
     """dnrt before FSDP2 support saved the bias 0-d; it loads into today's (1,) bias, also through the tool's
     checkpoint fit check, and computes the same."""
-    from dnrt.tool.checkpoint import state_mismatch
+    from dnrt.tool.rundir.checkpoint import state_mismatch
 
     saved = wrapped(randomised("gelu", shift, -1, torch.float32))
     old = saved.state_dict()

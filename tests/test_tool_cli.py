@@ -79,6 +79,8 @@ def test_corrupt_checkpoint(failures):
 
 def test_dnrt_dispatch_errors(tmp_path, capsys, monkeypatch):
     assert main(["eval"]) == 1
+    assert "dnrt eval needs -r" in capsys.readouterr().err
+    assert main(["train"]) == 1
     assert "give a config with -c CONFIG" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "dnrt.tool.plots", None)  # an import of it now fails
     assert main(["plot", "curves"]) == 1

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dnrt.errors import DNRTError
-from dnrt.tool.checkpoint import load_checkpoint, save_checkpoint
+from dnrt.tool.rundir import load_checkpoint, save_checkpoint
 from dnrt.tool.config import resolve
 from dnrt.tool.data import build_dataset, build_transform, dataset_info, long_tailed_indices
 from dnrt.tool.models import build_arr, create_model

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from dnrt.tool.checkpoint import load_run
+from dnrt.tool.rundir import load_run
 from dnrt.tool.cli import main, main_py
 from tiny_config import TINY, train_tiny
 

@@ -241,7 +241,7 @@ def test_full_disk_names_the_file_and_the_good_checkpoint(config, tmp_path, caps
             if len(writes) > 3 and Path(path).suffix == ".pth":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             write(path, data)
-        monkeypatch.setattr("dnrt.tool.checkpoint.atomic_write", full)
+        monkeypatch.setattr("dnrt.tool.rundir.checkpoint.atomic_write", full)
     try:
         capsys.readouterr()
         assert main_py(["-c", str(config), "--output_dir", str(run)]) == 1

@@ -211,7 +211,7 @@ def test_concentration_equals_the_loop_formula():
 def test_responses_of_an_mlp_are_its_block_outputs(runs, tmp_path):
     res = plots.collect_responses(runs["dnrt"] / "checkpoint.pth", channels=20, batches=2, batch_size=100)
     assert res.kind == "net" and res.layers == [1, 2, 3] and len(res.labels) == 200
-    from dnrt.tool.checkpoint import load_run
+    from dnrt.tool.rundir import load_run
     from dnrt.tool.data import build_dataset
     model, _, cfg = load_run(runs["dnrt"] / "checkpoint.pth")
     x = build_dataset(cfg, train=False).tensors[0][:200].flatten(1)

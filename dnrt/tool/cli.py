@@ -27,16 +27,35 @@ OVERRIDES_HELP = ("every config key is an option: --key value, --key=value, a ba
                   "a list (--milestones 30 60); a value is a Python literal where it parses, else text")
 
 
-def run_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The parser of `dnrt train`, `dnrt eval` and main.py: -c CONFIG and every config key, grouped."""
+def run_parser(prog: str, description: str, eval_only: bool = False) -> argparse.ArgumentParser:
+    """The parser of `dnrt train`, `dnrt eval` and main.py: -c CONFIG and every config key, grouped; eval's --out."""
     from dnrt.tool.config import key_parser
 
-    parser = key_parser(prog=prog, description=description, epilog=OVERRIDES_HELP,
-                        usage="%(prog)s [-c CONFIG] [-r CKPT] [--eval] [--key value ...]")
+    usage = "%(prog)s -r CKPT|RUN [-c CONFIG] [--out PATH] [--key value ...]" if eval_only else \
+        "%(prog)s [-c CONFIG] [-r CKPT|RUN] [--eval] [--key value ...]"
+    parser = key_parser(prog=prog, description=description, epilog=OVERRIDES_HELP, usage=usage)
     parser.add_argument("-h", "--help", action="help", help="show this help and exit")
     parser.add_argument("-c", "--config", help="python config file (module-level variables; `from _base_ import *` "
                                                "works); without it, eval takes the checkpoint's own config")
+    if eval_only:
+        parser.add_argument("--out", default=None, help="file or folder for eval.json (default: --output_dir when "
+                                                        "given, else beside the checkpoint evaluated)")
     return parser
+
+
+def checkpoint_option(value: str | None, evaluate: bool) -> str | None:
+    """-r as a checkpoint file: a run folder gives its checkpoint.pth (checkpoint_best.pth to evaluate), said once."""
+    if not value:
+        return value
+    from dnrt.tool.rundir import checkpoint_in
+
+    path, note = checkpoint_in(value, best=evaluate)
+    if note:
+        print(note, flush=True)
+    return path
+
+
+NO_CHECKPOINT = "dnrt eval needs -r: a checkpoint file, or a run folder (its checkpoint_best.pth is evaluated)"
 
 
 def run_tool(argv: Sequence[str], parser: argparse.ArgumentParser, eval_only: bool = False) -> int:
@@ -44,19 +63,26 @@ def run_tool(argv: Sequence[str], parser: argparse.ArgumentParser, eval_only: bo
     from dnrt.tool.config import COMMAND_LINE, load_config, namespace_values, resolve, unknown_options
 
     args, rest = parser.parse_known_args(list(argv))
+    out = vars(args).pop("out", None)
     overrides = {**unknown_options(rest), **namespace_values(args)}
     if eval_only:
         overrides["eval"] = True
+    if overrides.get("resume"):
+        overrides["resume"] = checkpoint_option(overrides["resume"], bool(overrides.get("eval")))
     if args.config:
         cfg = load_config(args.config, overrides)
+        if cfg["resume"] and "resume" not in overrides:  # -r set in the config file
+            cfg["resume"] = checkpoint_option(cfg["resume"], cfg["eval"])
     elif overrides.get("eval") and overrides.get("resume"):
-        from dnrt.tool.checkpoint import load_checkpoint
+        from dnrt.tool.rundir import load_checkpoint
 
         saved = load_checkpoint(overrides["resume"]).get("config") or {}
         sources = {**{k: f"the config of {overrides['resume']}" for k in saved}, **{k: COMMAND_LINE for k in overrides}}
         cfg = resolve({**saved, **overrides}, Path(overrides["resume"]).parent.name, sources)
+    elif overrides.get("eval"):
+        raise DNRTError(NO_CHECKPOINT)
     else:
-        raise DNRTError("give a config with -c CONFIG (or, to evaluate, a checkpoint with -r CKPT --eval)")
+        raise DNRTError("give a config with -c CONFIG (or, to evaluate, `dnrt eval -r CHECKPOINT|RUN_FOLDER`)")
 
     from dnrt.tool.graph import GRAPHS
 
@@ -67,8 +93,9 @@ def run_tool(argv: Sequence[str], parser: argparse.ArgumentParser, eval_only: bo
 
     if cfg["eval"]:
         if not cfg["resume"]:
-            raise DNRTError("--eval needs a checkpoint: add -r CHECKPOINT")
-        evaluate_checkpoint(cfg, cfg["resume"])
+            raise DNRTError(NO_CHECKPOINT)
+        folder = overrides.get("output_dir")  # a folder, dots in its name or not
+        evaluate_checkpoint(cfg, cfg["resume"], out or (os.path.join(folder, "") if folder else None))
         return 0
     result = train(cfg)
     if "test_acc1" in result:
@@ -142,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = argv[0] if argv else None
         parser = _build_parser(command)
         if command in RUN_COMMANDS:
-            return run_tool(argv[1:], run_parser(f"dnrt {command}", RUN_COMMANDS[command]), command == "eval")
+            evaluate = command == "eval"
+            return run_tool(argv[1:], run_parser(f"dnrt {command}", RUN_COMMANDS[command], evaluate), evaluate)
         args = parser.parse_args(argv)
         return int(_load_command(args.command).run(args) or 0)
 

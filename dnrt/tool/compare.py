@@ -38,16 +38,6 @@ def run_label(run_dir: str | Path, cfg: dict[str, Any]) -> str:
     return f"{Path(run_dir).name}: " + ", ".join(parts)
 
 
-def output_path(out: Optional[str | Path], default_dir: str | Path, name: str) -> Path:
-    """Where to write `name`: --out as a file when it has a suffix, else as a directory (default: default_dir)."""
-    target = Path(out) if out else Path(default_dir)
-    if target.suffix:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        return target
-    target.mkdir(parents=True, exist_ok=True)
-    return target / name
-
-
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:
     """One run's row: settings from config.json, accuracies and wall time from log.txt."""
     cfg, log = read_config(run_dir), read_log(run_dir)
@@ -93,16 +83,18 @@ def write_comparison(run_dirs: Sequence[str | Path], out: Optional[str | Path] =
     rows = [summarize_run(d) for d in run_dirs] if run_dirs else []
     if not rows:
         raise DNRTError("compare needs at least one run directory")
-    path = output_path(out, run_dirs[0], "compare.md")
-    rundir.write_text(path, markdown_table(rows))
-    rundir.write_json(path.with_suffix(".json"), rows)
+    path = rundir.output_path(out, run_dirs[0], "compare.md")
+    with rundir.output_error(path):
+        rundir.write_text(path, markdown_table(rows))
+        rundir.write_json(path.with_suffix(".json"), rows)
     return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `dnrt compare`."""
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; the first is the reference")
-    parser.add_argument("--out", default=None, help="file or directory for compare.md (default: the first run dir)")
+    parser.add_argument("--out", default=None, help="file or folder for compare.md (an existing folder, or one "
+                                                    "ending in /; default: the first run dir)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -27,6 +27,9 @@ def find_config(name_or_path: str) -> Path:
     stem = path.name[:-3] if path.name.endswith(".py") else path.name
     if path.parent == Path(".") and stem in configs:
         return configs[stem]
+    if path.is_dir():
+        raise DNRTError(f"config {name_or_path} is a folder, not a config file; give -c a .py file (or a built-in "
+                        f"config's name: {', '.join(configs)})")
     raise DNRTError(f"config file not found: {name_or_path} (built-in configs, by name from any folder: "
                     f"{', '.join(configs)}; `dnrt configs` lists them)")
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from dnrt.errors import DNRTError
+from dnrt.tool import rundir
 
 SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
 
@@ -26,18 +26,12 @@ def export_model(model: nn.Module, example: torch.Tensor, fmt: str, out: str | o
     if fmt not in SUFFIXES:
         raise DNRTError(f"unknown export format '{fmt}'; use {', '.join(SUFFIXES)}")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model.eval()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=SUFFIXES[fmt], dir=out.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # the tracer warns at every width check; widths are fixed by the architecture, so the checks are constant
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            _WRITERS[fmt](model, example, tmp)
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with rundir.output_error(out), rundir.temp_beside(out, suffix=SUFFIXES[fmt]) as tmp, torch.no_grad(), \
+            warnings.catch_warnings():
+        # the tracer warns at every width check; widths are fixed by the architecture, so the checks are constant
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _WRITERS[fmt](model, example, tmp)
     return _READERS[fmt](out)
 
 
@@ -83,19 +77,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-r", "--resume", required=True, metavar="CHECKPOINT", help="a checkpoint of `dnrt train`")
     parser.add_argument("--format", required=True, choices=list(SUFFIXES),
                         help="onnx (needs onnx, onnxscript), pt2 (torch.export), torchscript (torch.jit.trace)")
-    parser.add_argument("--out", metavar="PATH", help="the file to write (default: beside the checkpoint, its name "
-                                                      "with the format's suffix: .onnx, .pt2, .pt)")
+    parser.add_argument("--out", metavar="PATH", help="the file to write, or a folder to write it in (default: beside "
+                                                      "the checkpoint, its name with the format's suffix: .onnx, .pt2, "
+                                                      ".pt)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Rebuild the checkpoint's model, export it, check the file against the eager model and say where it is."""
-    from dnrt.tool.checkpoint import load_checkpoint, load_run
+    from dnrt.tool.rundir import load_checkpoint, load_run
 
     model, arr, cfg = load_run(args.resume)
     if arr is not None:
         arr.remove()  # its hooks only record responses for the loss
     sizes = load_checkpoint(args.resume)["model_args"]
-    out = Path(args.out) if args.out else Path(args.resume).with_suffix(SUFFIXES[args.format])
+    default = Path(args.resume).with_suffix(SUFFIXES[args.format])
+    out = rundir.output_path(args.out, default.parent, default.name)
     if out.resolve() == Path(args.resume).resolve():
         raise DNRTError(f"the export would overwrite its checkpoint {args.resume}; choose another --out")
     torch.manual_seed(0)

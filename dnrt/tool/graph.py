@@ -202,37 +202,39 @@ def train_graph(cfg: dict) -> dict:
     optimizer = create_optimizer_v2(model, opt=cfg["optimizer"], lr=cfg["lr"], weight_decay=cfg["weight_decay"],
                                     momentum=cfg["momentum"])
     out = Path(cfg["output_dir"])
-    plan = rundir.plan_run(cfg, resumable=False)  # no checkpoints: an unfinished graph run starts again
-    if plan.message:
-        print(plan.message, flush=True)
-    if plan.action == "finished":
-        return best_of(rundir.read_log(out))
-    rundir.usable_folder(out)
-    rundir.remove_temp_files(out)
-    rundir.write_config(out, cfg, [])
-    rundir.start_log(out, 0)
-    rows = []
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for epoch in range(cfg["epochs"]):
-        start = time.time()
-        model.train()
-        memories.train()
-        logits, hidden = model(data.x, data.edge_index)
-        ce = F.cross_entropy(logits[data.train_idx], data.y[data.train_idx])
-        arr = arr_loss(hidden, memories, data.train_idx, data.y) if use_arr else torch.zeros((), device=device)
-        loss = ce + cfg["arr_loss_coef"] * arr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            logits, _ = model(data.x, data.edge_index)
-        row = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=loss.item(), train_ce=ce.item(),
-                   train_arr=arr.item(), test_loss=F.cross_entropy(logits[data.test_idx], data.y[data.test_idx]).item(),
-                   valid_acc1=metric(logits[data.valid_idx], data.y[data.valid_idx]),
-                   test_acc1=metric(logits[data.test_idx], data.y[data.test_idx]),
-                   metric="roc_auc" if data.num_labels == 2 else "accuracy",
-                   epoch_time=time.time() - start, n_parameters=n_parameters)
-        rundir.append_log(out, row)
-        rows.append(row)
-    return best_of(rows)
+    with rundir.owned(out):  # one owner per run folder, as for image runs
+        plan = rundir.plan_run(cfg, resumable=False)  # no checkpoints: an unfinished graph run starts again
+        if plan.message:
+            print(plan.message, flush=True)
+        if plan.action == "finished":
+            return best_of(rundir.read_log(out))
+        rundir.remove_temp_files(out)
+        rundir.record(out, rundir.CONFIG, rundir.LOG)
+        rundir.write_config(out, cfg, [])
+        rundir.start_log(out, 0)
+        rows = []
+        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        for epoch in range(cfg["epochs"]):
+            start = time.time()
+            model.train()
+            memories.train()
+            logits, hidden = model(data.x, data.edge_index)
+            ce = F.cross_entropy(logits[data.train_idx], data.y[data.train_idx])
+            arr = arr_loss(hidden, memories, data.train_idx, data.y) if use_arr else torch.zeros((), device=device)
+            loss = ce + cfg["arr_loss_coef"] * arr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            model.eval()
+            with torch.no_grad():
+                logits, _ = model(data.x, data.edge_index)
+            row = dict(epoch=epoch, lr=optimizer.param_groups[0]["lr"], train_loss=loss.item(), train_ce=ce.item(),
+                       train_arr=arr.item(),
+                       test_loss=F.cross_entropy(logits[data.test_idx], data.y[data.test_idx]).item(),
+                       valid_acc1=metric(logits[data.valid_idx], data.y[data.valid_idx]),
+                       test_acc1=metric(logits[data.test_idx], data.y[data.test_idx]),
+                       metric="roc_auc" if data.num_labels == 2 else "accuracy",
+                       epoch_time=time.time() - start, n_parameters=n_parameters)
+            rundir.append_log(out, row)
+            rows.append(row)
+        return best_of(rows)

@@ -311,8 +311,9 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling a damaged or foreign file can raise almost any exception type
-        detail = (str(e).strip().splitlines() or [""])[0][:160]
-        raise DNRTError(f"pretrained_file {path} is not a weights file ({type(e).__name__}: {detail})") from None
+        from dnrt.tool.rundir import unreadable
+
+        raise DNRTError(f"pretrained_file {path} {unreadable(e, 'a weights file')}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -320,6 +321,11 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DNRTError(f"pretrained_file {path} holds no state_dict (a dict of tensors, or one under "
                         f"'state_dict' or 'model')")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DNRTError(f"pretrained_file {path} holds NaN or infinite values in {len(bad)} tensors "
+                        f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): the file is damaged; training "
+                        f"from it cannot work")
     return {_strip_prefixes(k): v for k, v in state.items()}
 
 

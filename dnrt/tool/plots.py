@@ -22,7 +22,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from dnrt.errors import DNRTError  # noqa: E402
 from dnrt.tool import rundir  # noqa: E402
-from dnrt.tool.compare import output_path, read_log, run_label  # noqa: E402
+from dnrt.tool.compare import read_log, run_label  # noqa: E402
 from dnrt.tool.rundir import read_config  # noqa: E402
 
 CURVE_PANELS = (("train_ce", "train cross-entropy"), ("test_loss", "test cross-entropy"),
@@ -62,7 +62,7 @@ def plot_curves(run_dirs: Sequence[str | Path], out: Optional[str | Path] = None
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize="small")
-    path = output_path(out, run_dirs[0], "curves.png")
+    path = rundir.output_path(out, run_dirs[0], "curves.png")
     _save(fig, path)
     _write_csv(path.with_suffix(".csv"), rows)
     return path
@@ -74,7 +74,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    rundir.write_text(path, text.getvalue())
+    with rundir.output_error(path):
+        rundir.write_text(path, text.getvalue())
 
 
 @dataclass
@@ -192,7 +193,7 @@ def collect_responses(checkpoint: str | Path, layers: Optional[Sequence[int]] = 
                       data_root: Optional[str] = None, batches: int = 8, batch_size: int = 128,
                       device: str = "cpu") -> Responses:
     """Run a checkpoint's model on the first `batches` test batches and record the chosen layers' responses."""
-    from dnrt.tool.checkpoint import load_run
+    from dnrt.tool.rundir import load_run
     from dnrt.tool.data import build_dataset, dataset_info
 
     if channels < 1 or batches < 1 or batch_size < 1:
@@ -284,7 +285,7 @@ def plot_responses(checkpoints: Sequence[str | Path], out: Optional[str | Path] 
     """Figure 2 for one or two checkpoints: per-channel responses per layer and per class; returns the JSON path."""
     results = [collect_responses(c, layers, channels, data_root, batches, batch_size, device) for c in checkpoints]
     picked = _pick_classes(classes, results[0].class_names)
-    base = output_path(out, Path(checkpoints[0]).parent, "responses.png")
+    base = rundir.output_path(out, Path(checkpoints[0]).parent, "responses.png")
     fig, axes = _grid(len(results[0].layers), len(results))
     for col, res in enumerate(results):
         for row, (n, data, agg) in enumerate(zip(res.layers, res.channels, res.aggregated)):
@@ -301,15 +302,19 @@ def plot_responses(checkpoints: Sequence[str | Path], out: Optional[str | Path] 
                      f"{res.label}\nclass {res.class_names[k]}, aggregated response of layer {res.layers[-1]}")
     _save(fig, base.with_name(base.stem + "_classes.png"))
     path = base.with_suffix(".json")
-    rundir.write_json(path, response_stats(results, picked))
+    with rundir.output_error(path):
+        rundir.write_json(path, response_stats(results, picked))
     return path
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
     """Lay out, write and close a figure (fixed size: no tight bounding box, so the pixel size is known)."""
     fig.tight_layout()
-    rundir.atomic_write(path, lambda f: fig.savefig(f, dpi=DPI, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
+    try:
+        with rundir.output_error(path):
+            rundir.atomic_write(path, lambda f: fig.savefig(f, dpi=DPI, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

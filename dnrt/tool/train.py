@@ -24,7 +24,7 @@ from tqdm import tqdm
 from dnrt.errors import DNRTError
 from dnrt.tool import distributed as D
 from dnrt.tool import rundir as R
-from dnrt.tool.checkpoint import checkpoint_state, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
+from dnrt.tool.rundir import checkpoint_state, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
 from dnrt.tool.config import ignored
 from dnrt.tool.data import build_dataset, dataset_info
 from dnrt.tool.models import build_arr, create_model
@@ -381,6 +381,7 @@ def start_files(out: Path, cfg: dict, resumes: list[dict], start_epoch: int, che
     R.usable_folder(out)
     try:
         R.remove_temp_files(out)
+        R.record(out, R.CONFIG, R.LOG)
         R.write_config(out, cfg, resumes)
         R.start_log(out, start_epoch)
     except OSError as e:
@@ -397,12 +398,23 @@ def save_epoch(out: Path, log: dict, state: dict, names: list[str], latest: Path
                         f"{saved_state(latest, done)}")
     path = out / R.LOG
     try:
+        R.record(out, *names)
         R.append_log(out, log)
         for name in names:
             path = out / name
             save_checkpoint(state, path)
     except OSError as e:
         raise DNRTError(f"cannot write {path}: {e.strerror or e}; {saved_state(latest, done)}") from None
+
+
+def tensorboard(out: Path) -> SummaryWriter:
+    """The run's TensorBoard writer; its new events file goes into the manifest (the folder's other events files
+    may be another program's)."""
+    board = out / R.TENSORBOARD
+    before = set(board.iterdir()) if board.is_dir() else set()
+    writer = SummaryWriter(str(board))
+    R.record(out, *(p.relative_to(out).as_posix() for p in sorted(set(board.iterdir()) - before)))
+    return writer
 
 
 def train(cfg: dict) -> dict[str, Any]:
@@ -415,7 +427,7 @@ def train(cfg: dict) -> dict[str, Any]:
     if note:
         print_main(note)
     try:
-        with STOP:
+        with STOP, R.owned(cfg["output_dir"], D.is_main_process()):
             return _train(cfg, device)
     finally:
         D.cleanup()
@@ -476,9 +488,11 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
         drop_lr_now(scheduler, optimizer, lr_scale)
     scheduler.step_update(start_epoch * len(loader))  # the schedule of this run's length at its start or resume point
     if main:
+        if plan.checkpoint and plan.checkpoint == cfg["resume"] and (out / R.LOG).is_file():  # -r given: check
+            R.check_log(out, start_epoch, plan.checkpoint)
         start_files(out, cfg_record, resumes, start_epoch, plan.checkpoint)
     D.barrier()
-    writer = SummaryWriter(str(out / "tensorboard")) if main else None
+    writer = tensorboard(out) if main else None
     log: dict[str, Any] = {}
     print_main(f"training {start_epoch} -> {cfg['epochs']} epochs, {len(loader)} iterations each, output in {out}")
     clock = Clock((cfg["epochs"] - start_epoch) * len(loader))
@@ -540,8 +554,9 @@ def epoch_summary(log: dict, epochs: int) -> str:
             f"(ce {log['train_ce']:.4f}, arr {log['train_arr']:.4f}){test}  {log['epoch_time']:.1f}s{rate}{skipped}")
 
 
-def evaluate_checkpoint(cfg: dict, checkpoint: str) -> dict[str, Any]:
-    """Evaluate a checkpoint on the test set (ARR memory included), print the figures and write eval.json."""
+def evaluate_checkpoint(cfg: dict, checkpoint: str, out: str | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test set (ARR memory included), print the figures and write eval.json beside
+    the checkpoint (or to `out`): never into the output_dir its config records, which may be another copy's."""
     device = D.select_device(cfg["device"])
     D.init_distributed(device)
     try:
@@ -554,7 +569,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str) -> dict[str, Any]:
                            args["num_classes"])
         metrics = {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), **metrics}
         if D.is_main_process():
-            print(eval_summary(metrics, R.write_eval(cfg["output_dir"], metrics)), flush=True)
+            print(eval_summary(metrics, R.write_eval(out or Path(checkpoint).parent, metrics)), flush=True)
         return metrics
     finally:
         D.cleanup()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from dnrt.errors import DNRTError
-from dnrt.tool.rundir import atomic_write
+from dnrt.tool.rundir.files import BEST, LATEST, atomic_write
 
 SHOWN_KEYS = 3  # how many names of each kind of mismatch a message lists
 
@@ -48,12 +49,34 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # unpickling a damaged file can raise almost any exception type
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise DNRTError(f"checkpoint {path} is corrupt or not a dnrt checkpoint "
-                        f"({type(e).__name__}: {detail})") from None
+        raise DNRTError(f"checkpoint {path} {unreadable(e)}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise DNRTError(f"checkpoint {path} is not a dnrt checkpoint (no 'model' entry)")
     return state
+
+
+def checkpoint_in(path: str | os.PathLike, best: bool = False) -> tuple[str, str | None]:
+    """The checkpoint a `-r` value means: the file itself, or in a run folder its checkpoint.pth (its
+    checkpoint_best.pth when `best`, for evaluation); with the one line that says which a folder gave."""
+    path = Path(path)
+    if not path.is_dir():
+        return str(path), None
+    name = BEST if best else LATEST
+    if not (path / name).is_file():
+        raise DNRTError(f"-r {path} is a folder without {name}: give -r a checkpoint file, or the folder of a run of "
+                        f"`dnrt train`")
+    kind = "best" if best else "latest"
+    return str(path / name), f"-r {path} is a run folder: using its {kind} checkpoint, {path / name}"
+
+
+def unreadable(error: Exception, what: str = "a dnrt checkpoint") -> str:
+    """Why torch.load(weights_only=True) refused a file, in our words (torch's text names its internals)."""
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+        return "is not a weights-only file: it holds pickled Python objects, which dnrt does not load (they can run " \
+               "code); save its state_dict with torch.save, or give a checkpoint of `dnrt train`"
+    if isinstance(error, OSError):
+        return f"cannot be read: {error.strerror or error}"
+    return f"is corrupt or not {what} (torch.load cannot read it)"
 
 
 def non_finite_tensors(state: dict[str, Any] | None) -> list[str]:
