@@ -112,28 +112,33 @@ def _ignore_preempt_signal() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def start_cell(run: CellRun, processes: int, env: dict[str, str], stdout: Any = None,
-               stderr: Any = None) -> subprocess.Popen:
+def start_cell(run: CellRun, processes: int, env: dict[str, str], stdout: Any = None, stderr: Any = None,
+               own_session: bool = False) -> subprocess.Popen:
+    """The cell's process; in a session of its own where its launcher forwards the signals (a terminal's Ctrl-C
+    would otherwise reach it twice)."""
     return subprocess.Popen(run.command(processes), cwd=run.cwd, env=env, stdout=stdout, stderr=stderr,
-                            preexec_fn=_ignore_preempt_signal)
+                            preexec_fn=_ignore_preempt_signal, start_new_session=own_session)
 
 
-def stop_cell(pid: int, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM (the cell stops at its next batch, its last finished epoch saved), SIGKILL after `grace_s`. Safe in a
-    signal handler: it reaps with os.waitpid, never through Popen's lock."""
+def stop_cell(pid: int, grace_s: float = STOP_GRACE_S) -> Optional[int]:
+    """SIGTERM (the cell stops at its next batch, its last finished epoch saved), SIGKILL after `grace_s`; returns
+    its exit code where this call reaped it. Safe in a signal handler: it reaps with os.waitpid, not Popen's lock."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        return None
     deadline = time.time() + grace_s
-    while time.time() < deadline:
+    while True:
         try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
+            done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
+            return None
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline = float("inf")
         time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
 
 
 def end_state(run: CellRun, returncode: int, stderr: Optional[str]) -> dict[str, Any]:
@@ -186,6 +191,7 @@ def run_local(runs: Sequence[CellRun], jobs: int, gpus_per_job: int, log_dir: Pa
     log_dir = rundir.usable_folder(log_dir, "log folder")
     pending, active, codes = to_run(runs, log), {}, {}
     free = list(range(len(slots)))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while pending or active:
             while pending and free:
@@ -206,10 +212,17 @@ def run_local(runs: Sequence[CellRun], jobs: int, gpus_per_job: int, log_dir: Pa
                 free.append(slot)
     except BaseException:
         for run, process, err, _ in active.values():
-            stop_cell(process.pid)
-            write_record(run.run_dir, **end_state(run, process.wait(), str(err)))
+            code = stop_cell(process.pid)
+            write_record(run.run_dir, **end_state(run, -signal.SIGINT if code is None else code, str(err)))
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return codes
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM to the local launcher: stop its cells as Ctrl-C does."""
+    raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
 def _start_local(run: CellRun, slot: tuple[int, list[int]], log_dir: Path,
@@ -217,7 +230,8 @@ def _start_local(run: CellRun, slot: tuple[int, list[int]], log_dir: Path,
     threads, gpus = slot
     out, err = log_dir / f"{run.name}.out", log_dir / f"{run.name}.err"
     with open(out, "ab") as stdout, open(err, "ab") as stderr:
-        process = start_cell(run, max(len(gpus), 1), child_env(threads, gpus if gpus else None), stdout, stderr)
+        process = start_cell(run, max(len(gpus), 1), child_env(threads, gpus if gpus else None), stdout, stderr,
+                             own_session=True)
     write_record(run.run_dir, launcher="local", job_id=str(process.pid), state=RUNNING, started=time.time(),
                  stdout=str(out), stderr=str(err), host=socket.gethostname(), pid=process.pid, heartbeat=time.time(),
                  command=run.command(max(len(gpus), 1)), error=None, returncode=None)
@@ -250,12 +264,20 @@ class CellJob(Checkpointable):
                      **_here())
         process = start_cell(run, processes, child_env(max(1, cpus // processes)))
         self.pid = process.pid
+        write_record(run.run_dir, cell_pid=process.pid)
         beat = time.time()
-        while process.poll() is None:
-            time.sleep(0.5)
-            if time.time() - beat > HEARTBEAT_S:
-                beat = time.time()
-                write_record(run.run_dir, heartbeat=beat)
+        try:
+            while process.poll() is None:
+                time.sleep(0.5)
+                if time.time() - beat > HEARTBEAT_S:
+                    beat = time.time()
+                    write_record(run.run_dir, heartbeat=beat)
+        except BaseException as e:  # SIGINT (a local cancel), or submitit's end of a job it did not requeue
+            if not isinstance(e, SystemExit):  # submitit exits after a requeue: the record says so already
+                code = stop_cell(process.pid)
+                write_record(run.run_dir, **end_state(run, -signal.SIGINT if code is None else code,
+                                                      str(paths.stderr)))
+            raise
         record = write_record(run.run_dir, **end_state(run, process.returncode, str(paths.stderr)))
         if record["state"] != FINISHED:
             raise DNRTError(f"{run.name}: {record['error']}")
