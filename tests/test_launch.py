@@ -20,9 +20,9 @@ from dnrt.tool import reproduce as R
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
-# three cells of the digits table; batch 4 makes an epoch take seconds, so a job can be stopped between epochs
+# three cells of the digits table; batch 16 makes an epoch take seconds, so a job can be stopped between epochs
 TABLE = ["digits", "--models", "mlp", "--acts", "relu", "gelu", "dnrt", "--epochs", str(EPOCHS),
-         "--set", "warmup_epochs=0", "batch_size=4"]
+         "--set", "warmup_epochs=0", "batch_size=16"]
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +104,7 @@ def _log(run_dir: Path, epochs: int) -> None:
 def test_status_tells_every_state_from_the_run_folders(tmp_path, capsys):
     runs = {c: p.as_run() for c, p in planned(tmp_path).items()}
     extra = R.plan_cells(R.cells("digits", models=["vit"], acts=["relu", "gelu", "dnrt"]), tmp_path, [None],
-                         EPOCHS, ["warmup_epochs=0", "batch_size=4"])
+                         EPOCHS, ["warmup_epochs=0", "batch_size=16"])
     runs.update({f"vit_{p.cell.column}": p.as_run() for p in extra})
     _log(Path(runs["relu"].run_dir), EPOCHS)  # done
     _log(Path(runs["gelu"].run_dir), 1)  # running: its process is this one
