@@ -58,7 +58,7 @@ def test_command_runs_dnrt_train_under_torchrun_with_several_gpus(tmp_path):
     run = planned(tmp_path)["dnrt"].as_run()
     assert run.command(1)[1:5] == ["-m", "dnrt", "train", "-c"]
     assert run.command(1)[-1] == f"--output_dir={tmp_path.resolve()}/{Path(run.run_dir).parent.name}/seed0"
-    assert "--epochs=3" in run.command(1) and "--batch_size=4" in run.command(1)
+    assert "--epochs=3" in run.command(1) and "--batch_size=16" in run.command(1)
     four = run.command(4)
     assert four[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert four[5:] == run.command(1)[1:]
@@ -224,3 +224,13 @@ def test_job_array_on_a_one_node_slurm(slurm_cluster, tmp_path, capsys, monkeypa
     accounting = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True,
                                 env=slurm_cluster.env).stdout
     assert "CANCELLED" in accounting and "COMPLETED" in accounting
+
+
+def test_a_run_that_a_job_is_running_is_not_trained_again(tmp_path, capsys):
+    """Never two processes on one run folder: the sequential launcher leaves a run its record says is running."""
+    p = planned(tmp_path)["relu"]
+    L.write_record(p.run_dir, state="running", job_id="5_0", launcher="slurm", host=socket.gethostname(),
+                   pid=os.getpid(), heartbeat=time.time())
+    assert R.run(parse(*TABLE[:4], "relu", *TABLE[7:], "--output-dir", str(tmp_path))) == 0
+    assert "running as job 5_0, skipped here" in capsys.readouterr().out
+    assert not (p.run_dir / "log.txt").exists()

@@ -333,8 +333,11 @@ def queued(record: dict[str, Any]) -> bool:
         return False
     if record.get("launcher") != "slurm":
         return alive(record)
-    answer = subprocess.run(["squeue", "-h", "-j", str(record["job_id"]), "-o", "%T"], capture_output=True,
-                            text=True, timeout=60)
+    try:
+        answer = subprocess.run(["squeue", "-h", "-j", str(record["job_id"]), "-o", "%T"], capture_output=True,
+                                text=True, timeout=60)
+    except FileNotFoundError:  # not on the cluster: the record alone cannot say it is still queued
+        return False
     return answer.returncode == 0 and bool(answer.stdout.strip())
 
 
@@ -403,7 +406,7 @@ def cell_status(run: CellRun) -> tuple[str, str]:
         return "pending", f"{state}, {job}" + (f", {len(rows)}/{run.epochs} epochs done" if rows else "")
     if state in (FAILED, STOPPED):
         return "failed", f"{record.get('error')}; log {record.get('stderr')}"
-    return "pending", f"{len(rows)}/{run.epochs} epochs done, not running" if rows else "not started"
+    return "pending", f"{len(rows)}/{run.epochs} epochs done, no job running it" if rows else "not started"
 
 
 def status_table(runs: Sequence[CellRun]) -> str:

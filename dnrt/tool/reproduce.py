@@ -519,10 +519,15 @@ def run_cells(selected: Sequence[Cell], output_dir: Path, seeds: Sequence[Option
     if dry:
         dry_run(planned, log)
         return {}
+    from dnrt.tool.launch import queued, read_record
     for i, p in enumerate(planned, 1):
         check_same_settings(p.run_dir, p.cfg)
+        record = read_record(p.run_dir)
         if finished(p.run_dir, p.cfg["epochs"]):
             log(f"[{i}/{len(planned)}] {p.cell.name} seed {p.cfg['seed']}: finished, skipped ({p.run_dir})")
+        elif queued(record):  # never two processes on one run folder
+            log(f"[{i}/{len(planned)}] {p.cell.name} seed {p.cfg['seed']}: {record['state']} as job "
+                f"{record['job_id']}, skipped here ({p.run_dir})")
         else:
             going_on = (p.run_dir / rundir.LATEST).is_file()  # train() continues an interrupted run from it
             log(f"[{i}/{len(planned)}] {p.cell.name} seed {p.cfg['seed']}: {'resuming' if going_on else 'training'} "
