@@ -19,10 +19,10 @@ from dnrt.tool import launch as L
 from dnrt.tool import reproduce as R
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 3
-# three cells of the digits table; batch 16 makes an epoch take seconds, so a job can be stopped between epochs
+EPOCHS = 4
+# three cells of the digits table; at batch 8 an epoch is 112 steps, so a job can be stopped between epochs
 TABLE = ["digits", "--models", "mlp", "--acts", "relu", "gelu", "dnrt", "--epochs", str(EPOCHS),
-         "--set", "warmup_epochs=0", "batch_size=16"]
+         "--set", "warmup_epochs=0", "batch_size=8"]
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +58,7 @@ def test_command_runs_dnrt_train_under_torchrun_with_several_gpus(tmp_path):
     run = planned(tmp_path)["dnrt"].as_run()
     assert run.command(1)[1:5] == ["-m", "dnrt", "train", "-c"]
     assert run.command(1)[-1] == f"--output_dir={tmp_path.resolve()}/{Path(run.run_dir).parent.name}/seed0"
-    assert "--epochs=3" in run.command(1) and "--batch_size=16" in run.command(1)
+    assert "--epochs=4" in run.command(1) and "--batch_size=8" in run.command(1)
     four = run.command(4)
     assert four[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert four[5:] == run.command(1)[1:]
@@ -104,7 +104,7 @@ def _log(run_dir: Path, epochs: int) -> None:
 def test_status_tells_every_state_from_the_run_folders(tmp_path, capsys):
     runs = {c: p.as_run() for c, p in planned(tmp_path).items()}
     extra = R.plan_cells(R.cells("digits", models=["vit"], acts=["relu", "gelu", "dnrt"]), tmp_path, [None],
-                         EPOCHS, ["warmup_epochs=0", "batch_size=16"])
+                         EPOCHS, ["warmup_epochs=0", "batch_size=8"])
     runs.update({f"vit_{p.cell.column}": p.as_run() for p in extra})
     _log(Path(runs["relu"].run_dir), EPOCHS)  # done
     _log(Path(runs["gelu"].run_dir), 1)  # running: its process is this one
@@ -123,11 +123,11 @@ def test_status_tells_every_state_from_the_run_folders(tmp_path, capsys):
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| digits_")}
     state = {name.split("_")[2] + ("" if "_mlp_" in name else "_vit"): v for name, v in rows.items()}
-    assert state["relu"] == ["done", "best 52.00, last 52.00 (3 epochs) |"]
-    assert state["gelu"] == ["running", "epoch 2/3, job 17_1 |"]
+    assert state["relu"] == ["done", "best 53.00, last 53.00 (4 epochs) |"]
+    assert state["gelu"] == ["running", "epoch 2/4, job 17_1 |"]
     assert state["dnrt"] == ["failed", f"error: data_root /nowhere holds no digits; log {err} |"]
     assert state["relu_vit"] == ["pending", "submitted, job 17_3 |"]
-    assert state["gelu_vit"][0] == "failed" and "job 9 ended without a word (killed?) at epoch 1/3" in \
+    assert state["gelu_vit"][0] == "failed" and "job 9 ended without a word (killed?) at epoch 1/4" in \
         state["gelu_vit"][1]
     assert state["dnrt_vit"] == ["pending", "not started |"]
 
@@ -170,17 +170,19 @@ def scenario(out: Path, submit, kill, capsys, release=lambda record: None) -> No
     are not submitted again and their files stay as they were; every log holds each epoch once."""
     runs = {c: p.as_run() for c, p in planned(out).items()}
     submit()
-    in_epoch = lambda run: 1 <= len(_epochs(run)) < EPOCHS and L.read_record(run.run_dir).get("state") == "running"
+    in_epoch = lambda run: len(_epochs(run)) == 1 and L.read_record(run.run_dir).get("state") == "running"
     _wait("relu in its second epoch", lambda: in_epoch(runs["relu"]))
     kill(L.read_record(runs["relu"].run_dir))
     _wait("gelu in its second epoch", lambda: in_epoch(runs["gelu"]))
-    os.kill(L.read_record(runs["gelu"].run_dir)["pid"], signal.SIGUSR2)  # SLURM's --signal before the time limit
-    _wait("relu to stop", lambda: L.read_record(runs["relu"].run_dir)["state"] in ("stopped", "failed"))
+    first = L.read_record(runs["gelu"].run_dir)["pid"]
+    os.kill(first, signal.SIGUSR2)  # SLURM's --signal before the time limit
+    _wait("relu to stop", lambda: L.read_record(runs["relu"].run_dir)["state"] in ("stopped", "failed", "finished"))
     _wait("gelu requeued", lambda: L.read_record(runs["gelu"].run_dir)["state"] in ("requeued", "running",
                                                                                     "finished"))
     release(L.read_record(runs["gelu"].run_dir))
     _wait("gelu and dnrt to finish", lambda: runs["gelu"].finished() and runs["dnrt"].finished())
-    assert len(_epochs(runs["relu"])) < EPOCHS
+    assert L.read_record(runs["gelu"].run_dir)["pid"] != first, "gelu was not requeued"
+    assert len(_epochs(runs["relu"])) < EPOCHS, "relu finished before it was stopped: epochs too short here"
     capsys.readouterr()
     assert R.run(parse(*TABLE, "--output-dir", str(out), "--status")) == 0
     status = capsys.readouterr().out
@@ -223,10 +225,9 @@ def test_job_array_on_a_one_node_slurm(slurm_cluster, tmp_path, capsys, monkeypa
 
     def release(record):  # SLURM holds a requeued job for about 2 minutes (its BeginTime): let it start now
         squeue = ["squeue", "-h", "-j", record["job_id"], "-o", "%T"]
-        _wait("the requeued job", lambda: subprocess.run(squeue, capture_output=True, text=True,
-                                                         env=slurm_cluster.env).stdout.strip() == "PENDING")
-        subprocess.run(["scontrol", "update", f"JobId={record['job_id']}", "StartTime=now"], env=slurm_cluster.env,
-                       check=True)
+        pending = lambda: subprocess.run(squeue, capture_output=True, text=True, env=slurm_cluster.env).stdout
+        _wait("the requeued job", lambda: pending().strip() in ("PENDING", ""))
+        subprocess.run(["scontrol", "update", f"JobId={record['job_id']}", "StartTime=now"], env=slurm_cluster.env)
 
     scenario(tmp_path, submit, kill, capsys, release)
     accounting = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True,

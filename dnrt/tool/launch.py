@@ -30,6 +30,7 @@ HEARTBEAT_S = 60.0  # a running job rewrites its record this often; three missed
 QUEUED, RUNNING, REQUEUED, FINISHED, FAILED, STOPPED = "submitted", "running", "requeued", "finished", "failed", \
     "stopped"
 STOP_GRACE_S = 60.0  # how long a stopped cell may take to reach its next batch before it is killed
+TIMEOUT_REQUEUES = 20  # requeues after reaching the time limit (submitit's default, 3, is short for 300 epochs)
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def run_local(runs: Sequence[CellRun], jobs: int, gpus_per_job: int, log_dir: Pa
 
     Each cell's output goes to LOG_DIR/<name>.out and .err; its record names them. Ctrl-C or SIGTERM stops every
     running cell at its next batch (they continue when the command is repeated)."""
-    slots = split_resources(jobs, gpus_per_job, usable_cores(), visible_gpus())
+    slots = split_resources(jobs, gpus_per_job, usable_cores(), visible_gpus() if gpus_per_job else [])
     log_dir = rundir.usable_folder(log_dir, "log folder")
     pending, active, codes = to_run(runs, log), {}, {}
     free = list(range(len(slots)))
@@ -196,7 +197,7 @@ def run_local(runs: Sequence[CellRun], jobs: int, gpus_per_job: int, log_dir: Pa
         while pending or active:
             while pending and free:
                 slot, run = free.pop(0), pending.pop(0)
-                active[slot] = (run, *_start_local(run, slots[slot], log_dir, log))
+                active[slot] = (run, *_start_local(run, slots[slot], gpus_per_job, log_dir, log))
             time.sleep(0.2)
             for slot, (run, process, err, beat) in list(active.items()):
                 code = process.poll()
@@ -225,13 +226,13 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
 
-def _start_local(run: CellRun, slot: tuple[int, list[int]], log_dir: Path,
+def _start_local(run: CellRun, slot: tuple[int, list[int]], gpus_per_job: int, log_dir: Path,
                  log: Callable[[str], None]) -> tuple[subprocess.Popen, Path, float]:
     threads, gpus = slot
     out, err = log_dir / f"{run.name}.out", log_dir / f"{run.name}.err"
     with open(out, "ab") as stdout, open(err, "ab") as stderr:
-        process = start_cell(run, max(len(gpus), 1), child_env(threads, gpus if gpus else None), stdout, stderr,
-                             own_session=True)
+        process = start_cell(run, max(len(gpus), 1), child_env(threads, gpus if gpus or not gpus_per_job else None),
+                             stdout, stderr, own_session=True)
     write_record(run.run_dir, launcher="local", job_id=str(process.pid), state=RUNNING, started=time.time(),
                  stdout=str(out), stderr=str(err), host=socket.gethostname(), pid=process.pid, heartbeat=time.time(),
                  command=run.command(max(len(gpus), 1)), error=None, returncode=None)
@@ -324,6 +325,18 @@ class SlurmOptions:
         return params
 
 
+def in_queue(record: dict[str, Any]) -> Optional[bool]:
+    """Whether SLURM still knows the record's job (squeue), None where it cannot be asked (no squeue here)."""
+    try:
+        answer = subprocess.run(["squeue", "-h", "-j", str(record["job_id"]), "-o", "%T"], capture_output=True,
+                                text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    if answer.returncode:  # a job SLURM has forgotten is an invalid id; anything else (no controller): unknown
+        return False if "invalid job id" in answer.stderr.lower() else None
+    return bool(answer.stdout.strip())
+
+
 def queued(record: dict[str, Any]) -> bool:
     """Whether the job a record names is still queued or running (squeue for SLURM, the process otherwise)."""
     state = record.get("state")
@@ -333,12 +346,7 @@ def queued(record: dict[str, Any]) -> bool:
         return False
     if record.get("launcher") != "slurm":
         return alive(record)
-    try:
-        answer = subprocess.run(["squeue", "-h", "-j", str(record["job_id"]), "-o", "%T"], capture_output=True,
-                                text=True, timeout=60)
-    except FileNotFoundError:  # not on the cluster: the record alone cannot say it is still queued
-        return False
-    return answer.returncode == 0 and bool(answer.stdout.strip())
+    return bool(in_queue(record))
 
 
 def to_run(runs: Sequence[CellRun], log: Callable[[str], None] = print) -> list[CellRun]:
@@ -367,14 +375,16 @@ def submit(runs: Sequence[CellRun], options: SlurmOptions, folder: Path, cluster
     todo = to_run(runs, log)
     if not todo:
         return []
-    executor = submitit.AutoExecutor(folder=Path(folder).absolute() / "%j", cluster=cluster)
+    try:
+        executor = submitit.AutoExecutor(folder=Path(folder).absolute() / "%j", cluster=cluster,
+                                         slurm_max_num_timeout=TIMEOUT_REQUEUES)
+    except RuntimeError as e:  # no srun on this machine
+        raise DNRTError(f"--launcher slurm: no SLURM here ({e})") from None
     try:
         executor.update_parameters(**options.parameters())
         jobs = executor.map_array(CellJob(options.gpus_per_job), todo)
     except (ValueError, NameError, submitit.core.utils.FailedJobError) as e:
-        raise DNRTError(f"submission failed: {e}") from None
-    except subprocess.CalledProcessError as e:
-        raise DNRTError(f"sbatch failed: {(e.output or b'').decode(errors='replace').strip() or e}") from None
+        raise DNRTError(f"submission failed: {' '.join(str(e).split())}") from None
     for run, job in zip(todo, jobs):
         if read_record(run.run_dir).get("job_id") != job.job_id:  # unless the job has started already
             write_record(run.run_dir, launcher=cluster, job_id=job.job_id, state=QUEUED, submitted=time.time(),
@@ -403,6 +413,8 @@ def cell_status(run: CellRun) -> tuple[str, str]:
         return "failed", (f"{job} ended without a word (killed?) at epoch {len(rows) + 1}/{run.epochs}; "
                           f"log {record.get('stderr')}")
     if state in (QUEUED, REQUEUED):
+        if record.get("launcher") == "slurm" and in_queue(record) is False:
+            return "failed", f"{job} left the queue without running (cancelled?); log {record.get('stderr')}"
         return "pending", f"{state}, {job}" + (f", {len(rows)}/{run.epochs} epochs done" if rows else "")
     if state in (FAILED, STOPPED):
         return "failed", f"{record.get('error')}; log {record.get('stderr')}"

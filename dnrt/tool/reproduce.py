@@ -606,7 +606,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--configs", default=str(CONFIG_ROOT),
                         help="the folder of the generated configs, written there where missing (default: %(default)s)")
     parser.add_argument("--status", action="store_true",
-                        help="print every run's state from the run folders (done, running, failed, pending), run nothing")
+                        help="print every run's state from the run folders (done, running, failed, pending), "
+                             "run nothing")
     launch = parser.add_argument_group("launchers (docs/cluster.md)")
     launch.add_argument("--launcher", choices=("local", "slurm"), default="local",
                         help="local: on this machine (--jobs at once); slurm: one SLURM job per unfinished run, "
