@@ -91,8 +91,11 @@ def test_dry_run_prints_each_job_and_its_estimated_cost(capsys, tmp_path):
     assert out.count(f"~{hours:.2f} GPU-h") == 2
     assert f"estimated cost: {2 * hours:.1f} GPU-hours on H100s" in out
     assert not list(tmp_path.iterdir())
-    R.run(parse("table6", "--dry-run", "--models", "vit_tiny", "--acts", "relu", "--output-dir", str(tmp_path)))
-    assert "1 runs (1 cells x 1 seeds)" in capsys.readouterr().out  # both spellings
+    R.run(parse("table6", "--dry-run", "--models", "vit_tiny", "--acts", "relu", "--output-dir", str(tmp_path),
+                "--launcher", "slurm", "--gpus_per_job", "4", "--slurm_additional", "account=proj"))
+    out = capsys.readouterr().out
+    assert "1 runs (1 cells x 1 seeds)" in out  # both spellings
+    assert "'gpus_per_node': 4" in out and "'slurm_additional_parameters': {'account': 'proj'}" in out
 
 
 def _log(run_dir: Path, epochs: int) -> None:

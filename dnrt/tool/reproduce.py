@@ -672,6 +672,9 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run or (args.launcher == "local" and args.jobs == 1):
         results = run_cells(selected, out, seeds, args.epochs, args.sets, args.dry_run)
         if args.dry_run:
+            if args.launcher == "slurm":
+                print(f"--launcher slurm would submit the unfinished ones as one job array, each with "
+                      f"{slurm_options(args).parameters()}")
             return 0
     else:
         planned = plan_cells(selected, out, seeds, args.epochs, args.sets)
@@ -690,14 +693,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def slurm_options(args: argparse.Namespace):
+    """What each job asks of SLURM (dnrt.tool.launch.SlurmOptions)."""
+    from dnrt.tool.launch import SlurmOptions
+    return SlurmOptions(partition=args.slurm_partition, gpus_per_job=args.gpus_per_job,
+                        cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
+                        array_parallelism=args.slurm_array_parallelism,
+                        additional=sbatch_options(args.slurm_additional), name=f"dnrt-{args.table}")
+
+
 def submit_slurm(args: argparse.Namespace, planned: Sequence[Planned], out: Path) -> int:
     """Submit the unfinished runs as one SLURM job array and return; --status follows them."""
-    from dnrt.tool.launch import SlurmOptions, submit
-    options = SlurmOptions(partition=args.slurm_partition, gpus_per_job=args.gpus_per_job,
-                           cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
-                           array_parallelism=args.slurm_array_parallelism,
-                           additional=sbatch_options(args.slurm_additional), name=f"dnrt-{args.table}")
-    jobs = submit([p.as_run() for p in planned], options, out / "jobs" / "slurm")
+    from dnrt.tool.launch import submit
+    jobs = submit([p.as_run() for p in planned], slurm_options(args), out / "jobs" / "slurm")
     print(f"submitted {len(jobs)} jobs; `dnrt reproduce {args.table} --status` (with the same selection options) "
           f"follows them, and the same command without --launcher renders the table once they are done")
     return 0
