@@ -19,7 +19,7 @@ from dnrt.tool import launch as L
 from dnrt.tool import reproduce as R
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 4
+EPOCHS = 6
 # three cells of the digits table; at batch 8 an epoch is 112 steps, so a job can be stopped between epochs
 TABLE = ["digits", "--models", "mlp", "--acts", "relu", "gelu", "dnrt", "--epochs", str(EPOCHS),
          "--set", "warmup_epochs=0", "batch_size=8"]
@@ -58,7 +58,7 @@ def test_command_runs_dnrt_train_under_torchrun_with_several_gpus(tmp_path):
     run = planned(tmp_path)["dnrt"].as_run()
     assert run.command(1)[1:5] == ["-m", "dnrt", "train", "-c"]
     assert run.command(1)[-1] == f"--output_dir={tmp_path.resolve()}/{Path(run.run_dir).parent.name}/seed0"
-    assert "--epochs=4" in run.command(1) and "--batch_size=8" in run.command(1)
+    assert "--epochs=6" in run.command(1) and "--batch_size=8" in run.command(1)
     four = run.command(4)
     assert four[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
     assert four[5:] == run.command(1)[1:]
@@ -126,11 +126,11 @@ def test_status_tells_every_state_from_the_run_folders(tmp_path, capsys):
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
             if line.startswith("| digits_")}
     state = {name.split("_")[2] + ("" if "_mlp_" in name else "_vit"): v for name, v in rows.items()}
-    assert state["relu"] == ["done", "best 53.00, last 53.00 (4 epochs) |"]
-    assert state["gelu"] == ["running", "epoch 2/4, job 17_1 |"]
+    assert state["relu"] == ["done", "best 55.00, last 55.00 (6 epochs) |"]
+    assert state["gelu"] == ["running", "epoch 2/6, job 17_1 |"]
     assert state["dnrt"] == ["failed", f"error: data_root /nowhere holds no digits; log {err} |"]
     assert state["relu_vit"] == ["pending", "submitted, job 17_3 |"]
-    assert state["gelu_vit"][0] == "failed" and "job 9 ended without a word (killed?) at epoch 1/4" in \
+    assert state["gelu_vit"][0] == "failed" and "job 9 ended without a word (killed?) at epoch 1/6" in \
         state["gelu_vit"][1]
     assert state["dnrt_vit"] == ["pending", "not started |"]
 
@@ -162,6 +162,12 @@ def _epochs(run: L.CellRun) -> list[int]:
     return [json.loads(line)["epoch"] for line in log.read_text().splitlines()] if log.is_file() else []
 
 
+def _mid_run(run: L.CellRun) -> bool:
+    """Whether the run has finished an epoch and is running; a run that ended first fails the test at once."""
+    assert not run.finished(), f"{run.name} finished before it could be stopped: epochs too short on this machine"
+    return len(_epochs(run)) >= 1 and L.read_record(run.run_dir).get("state") == "running"
+
+
 def _files(run: L.CellRun) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(Path(run.run_dir).iterdir())
             if p.is_file() and p.name != L.RECORD}
@@ -173,11 +179,9 @@ def scenario(out: Path, submit, kill, capsys, release=lambda record: None) -> No
     are not submitted again and their files stay as they were; every log holds each epoch once."""
     runs = {c: p.as_run() for c, p in planned(out).items()}
     submit()
-    in_epoch = lambda run: len(_epochs(run)) == 1 and L.read_record(run.run_dir).get("state") == "running"
-    _wait("relu in its second epoch", lambda: in_epoch(runs["relu"]))
-    kill(L.read_record(runs["relu"].run_dir))
-    _wait("gelu in its second epoch", lambda: in_epoch(runs["gelu"]))
+    _wait("relu and gelu past their first epoch", lambda: _mid_run(runs["relu"]) and _mid_run(runs["gelu"]))
     first = L.read_record(runs["gelu"].run_dir)["pid"]
+    kill(L.read_record(runs["relu"].run_dir))
     os.kill(first, signal.SIGUSR2)  # SLURM's --signal before the time limit
     _wait("relu to stop", lambda: L.read_record(runs["relu"].run_dir)["state"] in ("stopped", "failed", "finished"))
     _wait("gelu requeued", lambda: L.read_record(runs["gelu"].run_dir)["state"] in ("requeued", "running",
@@ -208,7 +212,8 @@ def scenario(out: Path, submit, kill, capsys, release=lambda record: None) -> No
 def test_job_array_on_submitits_local_executor(tmp_path, capsys):
     def submit():
         runs = [p.as_run() for p in planned(tmp_path).values()]
-        L.submit(runs, L.SlurmOptions(gpus_per_job=0, timeout_min=30), tmp_path / "jobs", cluster="local")
+        L.submit(runs, L.SlurmOptions(gpus_per_job=0, cpus_per_task=1, timeout_min=30), tmp_path / "jobs",
+                 cluster="local")
 
     def kill(record):  # what scancel does on SLURM: SIGTERM to the job's processes (submitit's own ignores it)
         os.kill(record["cell_pid"], signal.SIGTERM)

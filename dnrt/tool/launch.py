@@ -249,8 +249,8 @@ class CellJob(Checkpointable):
     from its checkpoint.pth. SIGTERM (scancel, preemption) reaches the cell's process directly and stops it the
     same way; the run then continues when it is submitted again."""
 
-    def __init__(self, gpus: int) -> None:
-        self.gpus = gpus
+    def __init__(self, gpus: int, cpus: Optional[int] = None) -> None:
+        self.gpus, self.cpus = gpus, cpus
         self.pid: Optional[int] = None
 
     def __call__(self, run: CellRun) -> dict[str, Any]:
@@ -259,7 +259,7 @@ class CellJob(Checkpointable):
         job = submitit.JobEnvironment()
         paths = job.paths
         processes = max(self.gpus, 1)
-        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK", usable_cores()))
+        cpus = self.cpus or int(os.environ.get("SLURM_CPUS_PER_TASK", usable_cores()))
         write_record(run.run_dir, state=RUNNING, job_id=job.job_id, started=time.time(), stdout=str(paths.stdout),
                      stderr=str(paths.stderr), command=run.command(processes), error=None, returncode=None,
                      **_here())
@@ -292,10 +292,10 @@ class CellJob(Checkpointable):
         if self.pid is not None:
             stop_cell(self.pid)
         write_record(run.run_dir, state=REQUEUED, ended=time.time())
-        return submitit.helpers.DelayedSubmission(CellJob(self.gpus), run)
+        return submitit.helpers.DelayedSubmission(CellJob(self.gpus, self.cpus), run)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"gpus": self.gpus, "pid": None}
+        return {"gpus": self.gpus, "cpus": self.cpus, "pid": None}
 
 
 @dataclass(frozen=True)
@@ -382,7 +382,7 @@ def submit(runs: Sequence[CellRun], options: SlurmOptions, folder: Path, cluster
         raise DNRTError(f"--launcher slurm: no SLURM here ({e})") from None
     try:
         executor.update_parameters(**options.parameters())
-        jobs = executor.map_array(CellJob(options.gpus_per_job), todo)
+        jobs = executor.map_array(CellJob(options.gpus_per_job, options.cpus_per_task), todo)
     except (ValueError, NameError, submitit.core.utils.FailedJobError) as e:
         raise DNRTError(f"submission failed: {' '.join(str(e).split())}") from None
     for run, job in zip(todo, jobs):
