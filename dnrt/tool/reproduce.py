@@ -123,6 +123,43 @@ DATA: dict[str, DataSpec] = {
        for b in (10, 50, 100)},
 }
 
+# ---------------------------------------------------------------- what a run costs (--dry_run, docs/cluster.md)
+# Images per epoch (train, test) of each dataset label; ImageNet-100 is the usual 100-class subset (1,300 per class).
+DATA_SIZES: dict[str, tuple[int, int]] = {
+    "cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "imagenet100": (126_689, 5_000),
+    "imagenet1k": (1_281_167, 50_000), "cifar10_lt_b10": (20_431, 10_000), "cifar10_lt_b50": (13_996, 10_000),
+    "cifar10_lt_b100": (12_406, 10_000),
+}
+# Forward multiply-adds per image (G) of each grid model with RAA at its image size, weights and attention products
+# counted by `dnrt profile`'s count_macs. CaiT, which the counter fails on, from timm's card (cait_xxs24_224:
+# 2.5 GMACs), at 32x32 scaled by its token count (64 / 196).
+GMACS: dict[str, float] = {
+    "vit_tiny_patch4_32": 0.3657, "deit_tiny_patch4_32": 0.3657, "cait_xxs_patch4_32": 0.82,
+    "pvt_tiny_32": 0.0436, "tnt_small_patch4_32": 1.6422, "vit_tiny_patch16_224": 1.2553,
+    "deit_tiny_patch16_224": 1.2553, "cait_xxs24_224": 2.5, "pvt_tiny_224": 0.5686, "tnt_s_patch16_224": 5.2238,
+    "alexnet@32": 0.0893, "vgg11@32": 0.2725, "resnet18_cifar": 0.556, "mobilenet_v2@32": 0.025,
+    "shufflenet_v2@32": 0.0454, "alexnet@224": 0.711, "vgg11@224": 7.6128, "resnet18": 1.8159,
+    "mobilenet_v2@224": 0.3057, "shufflenet_v2@224": 0.1455, "resnet32_cifar": 0.0694,
+}
+# The one H100 training figure of the project (benchmarks/README.md, earlier code, 2026-11-26): ViT-Tiny patch 4 at
+# 32x32 with RAA + ARR, AMP fp16, batch 256: 30.35 ms per step. Seconds per training image per forward GMAC:
+H100_S_PER_GMAC = 30.35e-3 / 256 / GMACS["vit_tiny_patch4_32"]
+EVAL_SHARE = 1 / 3  # a test image costs a forward, about a third of a training step's forward + backward
+
+
+def gpu_hours(cell: Cell, epochs: int) -> Optional[float]:
+    """Estimated H100-hours of a run: images x epochs x (forward GMACs x the ViT-Tiny rate); None for the CPU-sized
+    runs (digits, graphs). Compute only: a data loader slower than the GPU makes it longer."""
+    sizes = DATA_SIZES.get(cell.dataset)
+    if sizes is None:
+        return None
+    name = MODEL_GRID[cell.model][DATA[cell.dataset].kind][1]
+    size = 224 if DATA[cell.dataset].kind == "imagenet" else 32
+    gmacs = GMACS.get(name, GMACS.get(f"{name}@{size}"))
+    train, test = sizes
+    return epochs * (train + EVAL_SHARE * test) * gmacs * H100_S_PER_GMAC / 3600
+
+
 # Model label -> {kind of data: (recipe, model name in the tool, extra values)}.
 _VIT32, _VIT224 = "vit_cifar", "vit_imagenet"
 _NO_BN = {"lr": 0.01}
@@ -420,38 +457,92 @@ def train_cell(cfg: dict) -> None:
         train(cfg)
 
 
-def run_cells(selected: Sequence[Cell], output_dir: Path, seeds: Sequence[Optional[int]] = (None,),
-              epochs: Optional[int] = None, sets: Sequence[str] = (), dry_run: bool = False,
-              log=print) -> dict[Cell, list[float]]:
-    """Run every cell for every seed one after another, skipping finished runs; return the results per cell."""
+@dataclass(frozen=True)
+class Planned:
+    """A cell with one seed: its overrides, its config as it will run, and its run folder."""
+
+    cell: Cell
+    extra: tuple
+    cfg: dict
+    run_dir: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.run_dir.parent.name}_seed{self.cfg['seed']}"
+
+    def as_run(self):
+        """The launcher's view of it (dnrt.tool.launch.CellRun)."""
+        from dnrt.tool.launch import CellRun
+        return CellRun(self.name, str(self.cell.config.resolve()), self.extra, str(self.run_dir.resolve()),
+                       self.cfg["epochs"])
+
+
+def plan_cells(selected: Sequence[Cell], output_dir: Path, seeds: Sequence[Optional[int]] = (None,),
+               epochs: Optional[int] = None, sets: Sequence[str] = ()) -> list[Planned]:
+    """Every cell for every seed: its config loaded with the command line's changes, its run folder."""
     from dnrt.tool.config import load_config
-    results: dict[Cell, list[float]] = {}
-    total = len(selected) * len(seeds)
-    for i, (cell, seed) in enumerate(((c, s) for c in selected for s in seeds), 1):
+    planned = []
+    for cell, seed in ((c, s) for c in selected for s in seeds):
         if not cell.config.is_file():
             raise DNRTError(f"config {cell.config} is missing; `python -m dnrt.tool.reproduce` writes the configs")
         extra = overrides_for(seed, epochs, sets)
         cfg = load_config(str(cell.config), extra)
         run_dir = run_dir_for(cell, output_dir, cfg["seed"], epochs, sets)
         cfg["output_dir"] = str(run_dir)
-        paper = "" if cell.paper is None else f"  paper {cell.paper}"
-        if dry_run:
-            log(f"{cell.dataset:16s} {cell.model:10s} {cell.column:9s} -c {_shown(cell.config)} "
-                f"{' '.join(extra + [f'--output_dir={run_dir}'])}{paper}")
-            continue
-        check_same_settings(run_dir, cfg)
-        if finished(run_dir, cfg["epochs"]):
-            log(f"[{i}/{total}] {cell.name} seed {cfg['seed']}: finished, skipped ({run_dir})")
+        planned.append(Planned(cell, tuple(extra), cfg, run_dir))
+    return planned
+
+
+def dry_run(planned: Sequence[Planned], log=print) -> None:
+    """List the runs (config, overrides, estimated GPU-hours on one H100) and the total."""
+    total, unknown = 0.0, 0
+    for p in planned:
+        hours = gpu_hours(p.cell, p.cfg["epochs"])
+        total += hours or 0.0
+        unknown += hours is None
+        cost = "  ~CPU minutes" if hours is None else f"  ~{hours:.2f} GPU-h"
+        paper = "" if p.cell.paper is None else f"  paper {p.cell.paper}"
+        log(f"{p.cell.dataset:16s} {p.cell.model:10s} {p.cell.column:9s} -c {_shown(p.cell.config)} "
+            f"{' '.join([*p.extra, f'--output_dir={p.run_dir}'])}{paper}{cost}")
+    cells_count = len({p.cell for p in planned})
+    log(f"{len(planned)} runs ({cells_count} cells x {len(planned) // max(cells_count, 1)} seeds); each is "
+        f"`dnrt train -c CONFIG OVERRIDES`")
+    log(f"estimated cost: {total:.1f} GPU-hours on H100s" + (f" (+ {unknown} CPU-sized runs)" if unknown else "")
+        + "; how it is estimated: docs/cluster.md")
+
+
+def run_cells(selected: Sequence[Cell], output_dir: Path, seeds: Sequence[Optional[int]] = (None,),
+              epochs: Optional[int] = None, sets: Sequence[str] = (), dry: bool = False,
+              log=print) -> dict[Cell, list[float]]:
+    """Run every cell for every seed one after another, skipping finished runs; return the results per cell."""
+    planned = plan_cells(selected, output_dir, seeds, epochs, sets)
+    if dry:
+        dry_run(planned, log)
+        return {}
+    from dnrt.tool.launch import queued, read_record
+    for i, p in enumerate(planned, 1):
+        check_same_settings(p.run_dir, p.cfg)
+        record = read_record(p.run_dir)
+        if finished(p.run_dir, p.cfg["epochs"]):
+            log(f"[{i}/{len(planned)}] {p.cell.name} seed {p.cfg['seed']}: finished, skipped ({p.run_dir})")
+        elif queued(record):  # never two processes on one run folder
+            log(f"[{i}/{len(planned)}] {p.cell.name} seed {p.cfg['seed']}: {record['state']} as job "
+                f"{record['job_id']}, skipped here ({p.run_dir})")
         else:
-            going_on = (run_dir / rundir.LATEST).is_file()  # train() continues an interrupted run from it
-            log(f"[{i}/{total}] {cell.name} seed {cfg['seed']}: {'resuming' if going_on else 'training'} "
-                f"-> {run_dir}")
-            train_cell(cfg)
-        value = result(run_dir)
+            going_on = (p.run_dir / rundir.LATEST).is_file()  # train() continues an interrupted run from it
+            log(f"[{i}/{len(planned)}] {p.cell.name} seed {p.cfg['seed']}: {'resuming' if going_on else 'training'} "
+                f"-> {p.run_dir}")
+            train_cell(p.cfg)
+    return collect(planned)
+
+
+def collect(planned: Sequence[Planned]) -> dict[Cell, list[float]]:
+    """The reported number of every run that has one, per cell."""
+    results: dict[Cell, list[float]] = {}
+    for p in planned:
+        value = result(p.run_dir)
         if value is not None:
-            results.setdefault(cell, []).append(value)
-    if dry_run:
-        log(f"{total} runs ({len(selected)} cells x {len(seeds)} seeds); each is `dnrt train -c CONFIG OVERRIDES`")
+            results.setdefault(p.cell, []).append(value)
     return results
 
 
@@ -507,34 +598,130 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--acts", nargs="+", help="only these columns (e.g. relu gelu raa relu_arr dnrt)")
     parser.add_argument("--epochs", type=int, help="train every cell for N epochs instead of the recipe's")
     parser.add_argument("--seeds", type=int, nargs="+", help="run every cell once per seed (default: the config's)")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs with their configs, train nothing")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="list the runs with their configs and estimated GPU-hours, train or submit nothing")
     parser.add_argument("--output-dir", default="runs/paper", help="runs go to OUTPUT_DIR/<cell>/seed<S>")
     parser.add_argument("--set", dest="sets", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run (e.g. data_root=/data batch_size=128)")
     parser.add_argument("--configs", default=str(CONFIG_ROOT),
                         help="the folder of the generated configs, written there where missing (default: %(default)s)")
+    parser.add_argument("--status", action="store_true",
+                        help="print every run's state from the run folders (done, running, failed, pending), "
+                             "run nothing")
+    launch = parser.add_argument_group("launchers (docs/cluster.md)")
+    launch.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: on this machine (--jobs at once); slurm: one SLURM job per unfinished run, "
+                             "as a job array through submitit (pip install 'dnrt[cluster]')")
+    launch.add_argument("--jobs", type=int, default=1,
+                        help="local: runs at once, each in its own process with its share of the CPU cores and "
+                             "GPUs (default 1: one after another in this process)")
+    launch.add_argument("--gpus_per_job", type=int, default=1,
+                        help="GPUs of each run; more than 1 runs it under torch.distributed.run (default 1; 0 for "
+                             "CPU-only SLURM jobs)")
+    launch.add_argument("--slurm_partition", help="slurm: the partition (sbatch --partition)")
+    launch.add_argument("--cpus_per_task", type=int, help="slurm: CPU cores of each job (sbatch --cpus-per-task)")
+    launch.add_argument("--timeout_min", type=int, default=24 * 60,
+                        help="slurm: time limit of each job in minutes; a run that needs longer is requeued "
+                             "and continues (default %(default)s)")
+    launch.add_argument("--slurm_array_parallelism", type=int, default=256,
+                        help="slurm: most jobs of the array running at once (default %(default)s)")
+    launch.add_argument("--slurm_additional", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="slurm: more sbatch options, e.g. account=proj qos=high mem=64G exclusive=true")
+
+
+def sbatch_options(items: Sequence[str]) -> dict[str, Any]:
+    """--slurm_additional's KEY=VALUE items as submitit's slurm_additional_parameters (`true` is a bare flag)."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise DNRTError(f"--slurm_additional takes KEY=VALUE (an sbatch option without its dashes), got '{item}'")
+        options[key.strip().lstrip("-").replace("-", "_")] = True if value.lower() == "true" else value
+    return options
+
+
+def check_launch_options(args: argparse.Namespace) -> None:
+    """Options that cannot mean anything together, or out of range, each as one line."""
+    for name in ("jobs", "timeout_min", "slurm_array_parallelism", "cpus_per_task"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise DNRTError(f"--{name} must be at least 1, got {value}")
+    if args.gpus_per_job < 0:
+        raise DNRTError(f"--gpus_per_job must be 0 or more, got {args.gpus_per_job}")
+    if args.launcher == "slurm" and args.jobs != 1:
+        raise DNRTError("--jobs is for --launcher local; SLURM runs --slurm_array_parallelism jobs at once")
+    given = [n for n in ("slurm_partition", "cpus_per_task", "slurm_additional") if getattr(args, n)]
+    if args.launcher == "local" and given:
+        raise DNRTError(f"--{given[0]} is for --launcher slurm")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run (or list) the cells of a table, then print and write the Markdown table beside the paper's numbers."""
+    """Run (or list, submit, or report on) the cells of a table; when they have run, print and write the Markdown
+    table beside the paper's numbers."""
     if args.epochs is not None and args.epochs < 1:
         raise DNRTError(f"--epochs must be at least 1, got {args.epochs}")
+    check_launch_options(args)
     selected = cells(args.table, args.datasets, args.models, args.acts, Path(args.configs))
     ensure_configs(selected, Path(args.configs))
     seeds = args.seeds or [None]
-    results = run_cells(selected, Path(args.output_dir), seeds, args.epochs, args.sets, args.dry_run)
-    if args.dry_run:
+    out = Path(args.output_dir)
+    if args.status:
+        from dnrt.tool.launch import status_table
+        print(status_table([p.as_run() for p in plan_cells(selected, out, seeds, args.epochs, args.sets)]), end="")
         return 0
+    if args.dry_run or (args.launcher == "local" and args.jobs == 1):
+        results = run_cells(selected, out, seeds, args.epochs, args.sets, args.dry_run)
+        if args.dry_run:
+            if args.launcher == "slurm":
+                print(f"--launcher slurm would submit the unfinished ones as one job array, each with "
+                      f"{slurm_options(args).parameters()}")
+            return 0
+    else:
+        planned = plan_cells(selected, out, seeds, args.epochs, args.sets)
+        for p in planned:
+            check_same_settings(p.run_dir, p.cfg)
+        if args.launcher == "slurm":
+            return submit_slurm(args, planned, out)
+        from dnrt.tool.launch import run_local
+        codes = run_local([p.as_run() for p in planned], args.jobs, args.gpus_per_job, out / "jobs" / "local")
+        failed = [name for name, code in codes.items() if code]
+        if failed:
+            raise DNRTError(f"{len(failed)} of {len(codes)} runs failed ({', '.join(failed[:3])}); "
+                            f"`dnrt reproduce {args.table} --status` with the same options shows why")
+        results = collect(planned)
+    write_table(args, selected, results, out)
+    return 0
+
+
+def slurm_options(args: argparse.Namespace):
+    """What each job asks of SLURM (dnrt.tool.launch.SlurmOptions)."""
+    from dnrt.tool.launch import SlurmOptions
+    return SlurmOptions(partition=args.slurm_partition, gpus_per_job=args.gpus_per_job,
+                        cpus_per_task=args.cpus_per_task, timeout_min=args.timeout_min,
+                        array_parallelism=args.slurm_array_parallelism,
+                        additional=sbatch_options(args.slurm_additional), name=f"dnrt-{args.table}")
+
+
+def submit_slurm(args: argparse.Namespace, planned: Sequence[Planned], out: Path) -> int:
+    """Submit the unfinished runs as one SLURM job array and return; --status follows them."""
+    from dnrt.tool.launch import submit
+    jobs = submit([p.as_run() for p in planned], slurm_options(args), out / "jobs" / "slurm")
+    print(f"submitted {len(jobs)} jobs; `dnrt reproduce {args.table} --status` (with the same selection options) "
+          f"follows them, and the same command without --launcher renders the table once they are done")
+    return 0
+
+
+def write_table(args: argparse.Namespace, selected: Sequence[Cell], results: dict[Cell, list[float]],
+                out: Path) -> None:
+    """Print the table and write it to OUTPUT_DIR/TABLE[_changes].md, the raw numbers beside it as .json."""
     text = render_table(args.table, results, selected)
     name = args.table + _suffix(args.epochs, args.sets)
-    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_text(out / f"{name}.md", text)
     raw = {c.name: {"paper": c.paper, "measured": results.get(c, [])} for c in selected}
     rundir.write_json(out / f"{name}.json", raw)
     print(text)
     print(f"written: {out / (name + '.md')}")
-    return 0
 
 
 if __name__ == "__main__":
