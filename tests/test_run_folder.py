@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dnrt.errors import DNRTError
-from dnrt.tool import rundir
+from dnrt.tool import launch, rundir
 from dnrt.tool.cli import main, main_py
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,11 +180,13 @@ def test_overwrite_refuses_a_folder_with_foreign_files_and_deletes_nothing(fast,
     (copy / "checkpoint_mine.pth").unlink()
     (copy / "tensorboard" / "events.out.tfevents.other").unlink()
     assert main(["eval", "-r", str(copy)]) == 0  # eval.json: an output of dnrt's, removable too
+    launch.write_record(copy, launcher="local", state="finished")  # the launcher's job record: dnrt's too
     capsys.readouterr()
     assert main_py(["-c", str(config), "--output_dir", str(copy), "--lr", "0.01", "--epochs", "1",
                     "--overwrite", "True"]) == 0
     assert f"replacing the run in {copy}" in capsys.readouterr().out
     assert not (copy / "eval.json").exists() and not (copy / "checkpoint_0001.pth").exists()
+    assert not (copy / "job.json").exists()
     assert epochs(copy) == [0] and json.loads((copy / "config.json").read_text())["lr"] == 0.01
     listed = json.loads((copy / "manifest.json").read_text())["files"]
     assert sorted(p for p in snapshot(copy) if p != "manifest.json") == listed

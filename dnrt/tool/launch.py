@@ -25,7 +25,7 @@ try:  # the [cluster] extra: only the SLURM launcher needs it
 except ImportError:  # pragma: no cover - without submitit, the local launcher and --status still work
     Checkpointable = object  # type: ignore[assignment,misc]
 
-RECORD = "job.json"  # the job record dnrt writes into a cell's run folder (the run-folder manifest lists it)
+RECORD = rundir.JOB  # the job record dnrt writes into a cell's run folder (--overwrite counts it as dnrt's)
 HEARTBEAT_S = 60.0  # a running job rewrites its record this often; three missed beats on another host = lost
 QUEUED, RUNNING, REQUEUED, FINISHED, FAILED, STOPPED = "submitted", "running", "requeued", "finished", "failed", \
     "stopped"

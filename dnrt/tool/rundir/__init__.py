@@ -13,7 +13,8 @@ from dnrt.tool.rundir.checkpoint import (checkpoint_in, checkpoint_state, load_c
                                          non_finite_tensors, save_checkpoint, unreadable)
 from dnrt.tool.rundir.config_json import (COMMAND_KEYS, NEUTRAL_KEYS, changed_keys, describe, is_dnrt_config,
                                           read_config, result_changes, write_config)
-from dnrt.tool.rundir.files import (BEST, CONFIG, EVAL, LATEST, LOCK, LOG, MANIFEST, TENSORBOARD, atomic_write, dumps,
+from dnrt.tool.rundir.files import (BEST, CONFIG, EVAL, JOB, LATEST, LOCK, LOG, MANIFEST, TENSORBOARD, atomic_write,
+                                    dumps,
                                     is_folder_target, numbered, output_error, output_path, read_json,
                                     remove_temp_files, temp_beside, usable_folder, write_eval, write_json, write_text)
 from dnrt.tool.rundir.folder import Plan, best_and_last, owned, plan_run
@@ -21,7 +22,7 @@ from dnrt.tool.rundir.lock import RunLock
 from dnrt.tool.rundir.log import append_log, check_log, log_lines, read_log, start_log
 from dnrt.tool.rundir.manifest import record, remove_run, split_files
 
-__all__ = ["BEST", "COMMAND_KEYS", "CONFIG", "EVAL", "LATEST", "LOCK", "LOG", "MANIFEST", "NEUTRAL_KEYS", "Plan",
+__all__ = ["BEST", "COMMAND_KEYS", "CONFIG", "EVAL", "JOB", "LATEST", "LOCK", "LOG", "MANIFEST", "NEUTRAL_KEYS", "Plan",
            "RunLock", "TENSORBOARD", "append_log", "atomic_write", "best_and_last", "changed_keys", "check_log",
            "checkpoint_in", "checkpoint_state", "describe", "dumps", "is_dnrt_config", "is_folder_target",
            "load_checkpoint", "load_run", "load_weights", "log_lines", "non_finite_tensors", "numbered",

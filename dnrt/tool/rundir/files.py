@@ -14,6 +14,7 @@ from dnrt.errors import DNRTError
 
 CONFIG, LOG, EVAL, LATEST, BEST = "config.json", "log.txt", "eval.json", "checkpoint.pth", "checkpoint_best.pth"
 LOCK, MANIFEST, TENSORBOARD = "dnrt.lock", "manifest.json", "tensorboard"
+JOB = "job.json"  # the launcher's record of the job that trains the run (dnrt.tool.launch)
 TEMP_SUFFIX = ".tmp"
 
 

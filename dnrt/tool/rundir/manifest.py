@@ -1,8 +1,8 @@
 """manifest.json: the files a run of dnrt wrote into its folder, so that `--overwrite True` removes those and
 nothing else. Files the read-only commands write beside a run by default (eval.json, curves.*, compare.*,
-responses*, exported checkpoints) count as dnrt's too. A folder from before the manifest (older dnrt) counts the
-file names dnrt has always written: config.json, log.txt, eval.json, checkpoint.pth, checkpoint_best.pth,
-checkpoint_NNNN.pth and tensorboard/events.out.tfevents.*."""
+responses*, exported checkpoints) and the launcher's job.json count as dnrt's too. A folder from before the
+manifest (older dnrt) counts the file names dnrt has always written: config.json, log.txt, eval.json,
+checkpoint.pth, checkpoint_best.pth, checkpoint_NNNN.pth and tensorboard/events.out.tfevents.*."""
 from __future__ import annotations
 
 import fnmatch
@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 from dnrt.errors import DNRTError
-from dnrt.tool.rundir.files import (BEST, CONFIG, EVAL, LATEST, LOCK, LOG, MANIFEST, TEMP_SUFFIX, TENSORBOARD,
+from dnrt.tool.rundir.files import (BEST, CONFIG, EVAL, JOB, LATEST, LOCK, LOG, MANIFEST, TEMP_SUFFIX, TENSORBOARD,
                                     read_json, write_json)
 
-# what `dnrt eval|plot|compare|export` write into a run folder by default
-OUTPUTS = (EVAL, "curves.png", "curves.csv", "compare.md", "compare.json", "responses.json", "responses_*.png",
+# what `dnrt eval|plot|compare|export` write into a run folder by default, and the launcher's job record
+OUTPUTS = (EVAL, JOB, "curves.png", "curves.csv", "compare.md", "compare.json", "responses.json", "responses_*.png",
            "checkpoint*.onnx", "checkpoint*.pt2", "checkpoint*.pt")
 # what every dnrt run wrote before the manifest existed
 BEFORE_MANIFEST = (CONFIG, LOG, LATEST, BEST, "checkpoint_[0-9][0-9][0-9][0-9].pth",
