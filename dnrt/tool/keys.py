@@ -219,8 +219,9 @@ KEYS: dict[str, Key] = _keys(
      "True: resize and normalise only; False: the paper's timm augmentation", "data"),
     ("train_aug_kwargs", {}, mapping(), "overrides of timm.data.create_transform(is_training=True)", "data"),
     ("eval_aug_kwargs", {}, mapping(), "overrides of timm.data.create_transform(is_training=False)", "data"),
-    ("num_workers", 4, optional(integer(0), "None (min(CPUs, batch_size, 8), as the authors' tool)"),
-     "data-loader worker processes", "data"),
+    ("num_workers", None, optional(integer(0), "None (the tool chooses: 0 for in-memory datasets, else "
+                                                 "min(usable cores, batch_size, 8))"),
+     "data-loader worker processes; the chosen number is logged and kept in config.json", "data"),
     ("pin_memory", True, boolean(), "pinned host memory for the data loaders (only when CUDA is used)", "data"),
     ("drop_last", None, optional(boolean(), "None (drop a last partial batch unless it is the only one)"),
      "drop the last incomplete training batch of each epoch", "data"),

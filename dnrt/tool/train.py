@@ -24,6 +24,7 @@ from tqdm import tqdm
 from dnrt.errors import DNRTError
 from dnrt.tool import distributed as D
 from dnrt.tool import rundir as R
+from dnrt.tool import threads
 from dnrt.tool.checkpoint import checkpoint_state, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
 from dnrt.tool.config import ignored
 from dnrt.tool.data import build_dataset, dataset_info
@@ -405,6 +406,15 @@ def save_epoch(out: Path, log: dict, state: dict, names: list[str], latest: Path
         raise DNRTError(f"cannot write {path}: {e.strerror or e}; {saved_state(latest, done)}") from None
 
 
+def use_threads(cfg: dict, dataset: Dataset, model: nn.Module, args: dict[str, int], device: torch.device) -> None:
+    """The intra-op threads and data workers threads.choose picks, logged once; cfg['num_workers'] (and so
+    config.json) records the workers used."""
+    example = torch.zeros(1, args["in_chans"], args["img_size"], args["img_size"], device=device)
+    choice = threads.choose(cfg, dataset, model, example, device)
+    cfg["num_workers"] = choice["workers"]
+    print_main(choice["line"])
+
+
 def train(cfg: dict) -> dict[str, Any]:
     """Train for cfg['epochs'] epochs in cfg['output_dir'] (continuing the unfinished run there, or resuming from
     cfg['resume']), writing the run directory; returns final metrics."""
@@ -414,10 +424,12 @@ def train(cfg: dict) -> dict[str, Any]:
     note = ignored(cfg, D.is_distributed(), device.type)
     if note:
         print_main(note)
+    previous = torch.get_num_threads()
     try:
         with STOP:
             return _train(cfg, device)
     finally:
+        torch.set_num_threads(previous)
         D.cleanup()
 
 
@@ -432,17 +444,18 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     seed_everything(cfg["seed"])
     args = model_args(cfg)
     train_set, test_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
+    print_main(f"data: {cfg['dataset']} from {cfg['data_root']}: {len(train_set)} training, "
+               f"{len(test_set)} test images")
+
+    print_main(f"model: {cfg['model']} {args} act={cfg['act']} criterion={cfg['criterion']}")
+    model, arr = build_model(cfg, args, device, fresh=plan.checkpoint is None)
+    use_threads(cfg, train_set, model, args, device)
     loader, sampler = train_loader(cfg, train_set)
     val_loader = test_loader(cfg, test_set)
     if len(loader) == 0:
         raise DNRTError(f"no training batch: {cfg['dataset']} has {len(sampler)} training images per process, "
                         f"fewer than batch_size={cfg['batch_size']} with drop_last=True" if len(sampler)
                         else f"the training set of {cfg['dataset']} is empty")
-    print_main(f"data: {cfg['dataset']} from {cfg['data_root']}: {len(train_set)} training, "
-               f"{len(test_set)} test images")
-
-    print_main(f"model: {cfg['model']} {args} act={cfg['act']} criterion={cfg['criterion']}")
-    model, arr = build_model(cfg, args, device, fresh=plan.checkpoint is None)
     n_parameters = sum(p.numel() for p in model.parameters())
     if D.is_distributed() and cfg["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -542,19 +555,22 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str) -> dict[str, Any]:
     """Evaluate a checkpoint on the test set (ARR memory included), print the figures and write eval.json."""
     device = D.select_device(cfg["device"])
     D.init_distributed(device)
+    previous = torch.get_num_threads()
     try:
         state = load_checkpoint(checkpoint, map_location=device)
         args = state.get("model_args") or model_args(cfg)
         model, arr = build_model(cfg, args, device, fresh=False)
         load_weights(state, model, arr, checkpoint)
         autocast, _ = mixed_precision(cfg, device)
-        metrics = evaluate(model, arr, test_loader(cfg, build_dataset(cfg, train=False)), device, autocast,
-                           args["num_classes"])
+        test_set = build_dataset(cfg, train=False)
+        use_threads(cfg, test_set, model, args, device)
+        metrics = evaluate(model, arr, test_loader(cfg, test_set), device, autocast, args["num_classes"])
         metrics = {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), **metrics}
         if D.is_main_process():
             print(eval_summary(metrics, R.write_eval(cfg["output_dir"], metrics)), flush=True)
         return metrics
     finally:
+        torch.set_num_threads(previous)
         D.cleanup()
 
 
