@@ -227,3 +227,59 @@ def test_the_tools_gelu_based_resnet_state_does_not_load_into_a_converted_relu_b
     with pytest.raises(dnrt.DNRTError, match=r"^stem\.2: the state is of RAA\(base='gelu', shift='vector', "
                                              r"channel_dim=1\), this module is RAA\(base='relu'"):
         converted.load_state_dict(tool.state_dict())
+
+
+def test_no_parameter_is_0_d_so_fsdp2_shards_a_converted_model():
+    """FSDP2's ``fully_shard`` refuses 0-d parameters; RAA's bias is of shape (1,) in every form."""
+    from dnrt.tool.models import create_model
+
+    for name, act in [("vit_tiny_patch4_32", "raa"), ("resnet18_cifar", "raa_relu")]:
+        model = create_model(name, num_classes=10, in_chans=3, img_size=16, act=act)
+        raas = [m for m in model.modules() if isinstance(m, dnrt.RAA)]
+        assert raas and all(p.dim() > 0 for p in model.parameters())
+    assert dnrt.RAA(6, shift="scalar").bias.shape == (1,)
+
+
+FSDP2_CHECK = """
+import sys, torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+import dnrt
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+dnrt.convert(model, torch.randn(2, 8))
+model[3] = dnrt.RAA(16, shift="scalar")
+for module in model:
+    fully_shard(module)
+fully_shard(model)
+model(torch.randn(3, 8)).square().sum().backward()
+assert all(torch.isfinite(p.grad.full_tensor()).all() for p in model.parameters())
+dist.destroy_process_group()
+print("sharded", sum(isinstance(m, dnrt.RAA) for m in model.modules()))
+"""
+
+
+def test_fully_shard_of_a_converted_model_in_a_one_process_group(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch.distributed")
+    done = subprocess.run([sys.executable, "-c", FSDP2_CHECK, str(tmp_path / "store")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sharded 2" in done.stdout
+
+
+@pytest.mark.parametrize("shift", ["vector", "scalar"])
+def test_a_state_with_a_0_d_bias_from_an_older_dnrt_loads_with_equal_outputs(shift):
+    """dnrt before FSDP2 support saved the bias 0-d; it loads into today's (1,) bias, also through the tool's
+    checkpoint fit check, and computes the same."""
+    from dnrt.tool.checkpoint import state_mismatch
+
+    saved = wrapped(randomised("gelu", shift, -1, torch.float32))
+    old = saved.state_dict()
+    old["act.bias"] = old["act.bias"].reshape(())
+    loaded = wrapped(dnrt.RAA(6, shift=shift))
+    assert state_mismatch(loaded.state_dict(), old) is None
+    loaded.load_state_dict(old)
+    assert loaded.act.bias.shape == (1,) and old["act.bias"].dim() == 0
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(loaded(x), saved(x), rtol=0, atol=0)

@@ -40,7 +40,7 @@ class RAA(nn.Module):
         if not isinstance(num_features, int) or num_features < 1:
             raise DNRTError(f"RAA needs a positive integer num_features, got {num_features!r}")
         self.num_features, self.base, self.shift, self.channel_dim = num_features, base, shift, channel_dim
-        self.bias = nn.Parameter(torch.zeros(num_features if shift == "elementwise" else ()))
+        self.bias = nn.Parameter(torch.zeros(num_features if shift == "elementwise" else 1))  # never 0-d: FSDP2
         if shift == "vector":
             self.weight = nn.Parameter(torch.zeros(num_features))
         elif shift == "elementwise":
@@ -75,10 +75,14 @@ class RAA(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """Refuse the state of an RAA of another kind; accept, with a warning, one saved before RAA kept its kind."""
+        """Refuse the state of an RAA of another kind; accept, with a warning, one saved before RAA kept its kind,
+        and a 0-d bias as older dnrt saved it (now of shape (1,), as FSDP2 shards no 0-d parameter)."""
         key, name = prefix + "kind", prefix.rstrip(".") or "RAA"
         if key in state_dict:
             _check_kind(state_dict[key], self.kind, name)
+        bias = state_dict.get(prefix + "bias")
+        if isinstance(bias, torch.Tensor) and bias.dim() == 0 and self.bias.shape == (1,):
+            state_dict[prefix + "bias"] = bias.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key in missing_keys:
