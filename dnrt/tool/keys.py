@@ -282,6 +282,9 @@ KEYS: dict[str, Key] = _keys(
     ("seed", 42, integer(0, 2**32 - 1), "seed of Python, NumPy and torch (reseeded every epoch)", "runtime"),
     ("device", None, optional(device(), "None (CUDA when available)"),
      "device; 'cuda' without CUDA falls back to the CPU with one line", "runtime"),
+    ("strategy", "ddp", choice("ddp", "fsdp"),
+     "several processes: 'ddp' (DistributedDataParallel) or 'fsdp' (FSDP2 fully_shard of each block, then the "
+     "model); checkpoints hold full state dicts either way, so they load anywhere", "runtime"),
     ("find_unused_params", False, boolean(), "DistributedDataParallel(find_unused_parameters=...)", "runtime"),
     ("no_dist", False, boolean(), "refuse to run under torchrun with several processes", "runtime"),
     ("world_size", 1, integer(1), "accepted; torchrun's WORLD_SIZE decides", "runtime"),
