@@ -116,9 +116,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="epochs per measured run (the first is left out)")
     parser.add_argument("--no-full", action="store_true", help="skip the whole quickstart run at the end")
     parser.add_argument("--extra", nargs="*", default=[], choices=["passive"], help="more candidates")
-    parser.add_argument("--dry-run", action="store_true", help="1 round of 2 epochs, no whole run: checks it runs")
+    parser.add_argument("--dry-run", action="store_true", help="1 round of 1 epoch, no whole run: checks it runs")
     args = parser.parse_args()
-    rounds, epochs = (1, 2) if args.dry_run else (args.rounds, args.epochs)
+    rounds, epochs = (1, 1) if args.dry_run else (args.rounds, args.epochs)
 
     from dnrt.tool.threads import cgroup_cpus, usable_cores
 
