@@ -67,8 +67,8 @@ def test_script(model):
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript", "onnx"])
 def test_export_formats_at_another_batch_size(model, fmt, tmp_path):
     if fmt == "onnx":
-        pytest.importorskip("onnxscript")
-        pytest.importorskip("onnxruntime")
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            pytest.importorskip(module, reason=f"needs {module}: pip install -e '.[onnx]'")
     run = export_model(model, torch.randn(2, 3, 16, 16), fmt, tmp_path / f"model.{fmt}")
     x = torch.randn(5, 3, 16, 16)
     torch.testing.assert_close(run(x), eager(model, x), **CLOSE)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from dnrt.errors import DNRTError
 from dnrt.tool.config import resolve
 
-pytest.importorskip("torch_geometric")
+pytest.importorskip("torch_geometric", reason="needs torch_geometric: pip install -e '.[graph]'")
 from dnrt.tool import graph as G  # noqa: E402
 
 

@@ -238,7 +238,7 @@ def test_unwritable_output_dir_names_it(finished, tmp_path, capsys, monkeypatch)
 
 
 def test_graph_runs_share_the_run_folder_rules(tmp_path, capsys):
-    pytest.importorskip("torch_geometric")
+    pytest.importorskip("torch_geometric", reason="needs torch_geometric: pip install -e '.[graph]'")
     from dnrt.tool import graph
     from dnrt.tool.config import resolve
 

@@ -9,7 +9,6 @@ import argparse
 import ast
 import difflib
 import json
-import os
 import runpy
 import sys
 import types
@@ -217,8 +216,6 @@ def _derived(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     """Defaults that depend on other keys."""
     if cfg["output_dir"] is None:
         cfg["output_dir"] = str(Path(cfg["output_root"]) / name)
-    if cfg["num_workers"] is None:  # the authors' rule
-        cfg["num_workers"] = min(os.cpu_count() or 1, cfg["batch_size"] if cfg["batch_size"] > 1 else 0, 8)
     if not cfg["no_pretrain"]:
         cfg["pretrained"] = True
     act_layer = cfg["model_kwargs"].get("act_layer")

@@ -1,4 +1,5 @@
-"""torchrun / DistributedDataParallel set-up and the few collective helpers the tool needs."""
+"""torchrun set-up, the model for several processes (DDP or FSDP2), its full state, and the few collective helpers
+the tool needs."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dnrt.errors import DNRTError
 
@@ -113,3 +116,92 @@ def cleanup() -> None:
     """Leave the process group, if any."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the children of each outermost ModuleList or Sequential holding two or more
+    modules of one class (timm's and torchvision's `blocks`, `layers`, `layer1`...)."""
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        children = list(module.children())
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(children) > 1 \
+                and len({type(c) for c in children}) == 1:
+            found.extend(children)
+            return
+        for child in children:
+            visit(child)
+
+    visit(model)
+    return found
+
+
+def wrap(model: nn.Module, strategy: str, device: torch.device, find_unused: bool) -> nn.Module:
+    """The model for several processes: DistributedDataParallel ('ddp'), or FSDP2 ('fsdp': `fully_shard` on each
+    block, then on the root, in place)."""
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in blocks(model):
+            fully_shard(block)
+        return fully_shard(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local part (FSDP2's parameters, gradients and norms); any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the optimizer's parameters in the order its state_dict numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state as one process holds them: for a sharded model the full tensors gathered onto
+    rank 0's CPU (every process must call it; the others get empty dicts), the optimizer's numbered like
+    optimizer.state_dict(), so a checkpoint loads anywhere (DDP, one process, FSDP)."""
+    if not is_sharded(model):
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, named = get_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not named:
+        return {}, {}
+    index = {n: i for i, n in enumerate(_parameter_names(model, optimizer))}
+    return weights, {"state": {index[n]: s for n, s in named["state"].items()},
+                     "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+
+
+def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict of a full, numbered state; for a sharded model each process takes its shard."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _parameter_names(model, optimizer)
+    named = {"state": {names[i]: s for i, s in state["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def even_out(count: int, forward: Any) -> None:
+    """Under FSDP every forward is a collective: a process with fewer evaluation batches than another calls
+    `forward()` (its output unused) until all have run as many."""
+    most = max(all_gather_objects(count))
+    for _ in range(most - count):
+        forward()

@@ -219,8 +219,9 @@ KEYS: dict[str, Key] = _keys(
      "True: resize and normalise only; False: the paper's timm augmentation", "data"),
     ("train_aug_kwargs", {}, mapping(), "overrides of timm.data.create_transform(is_training=True)", "data"),
     ("eval_aug_kwargs", {}, mapping(), "overrides of timm.data.create_transform(is_training=False)", "data"),
-    ("num_workers", 4, optional(integer(0), "None (min(CPUs, batch_size, 8), as the authors' tool)"),
-     "data-loader worker processes", "data"),
+    ("num_workers", None, optional(integer(0), "None (the tool chooses: 0 for in-memory datasets, else "
+                                                 "min(usable cores, batch_size, 8))"),
+     "data-loader worker processes; the chosen number is logged and kept in config.json", "data"),
     ("pin_memory", True, boolean(), "pinned host memory for the data loaders (only when CUDA is used)", "data"),
     ("drop_last", None, optional(boolean(), "None (drop a last partial batch unless it is the only one)"),
      "drop the last incomplete training batch of each epoch", "data"),
@@ -281,6 +282,9 @@ KEYS: dict[str, Key] = _keys(
     ("seed", 42, integer(0, 2**32 - 1), "seed of Python, NumPy and torch (reseeded every epoch)", "runtime"),
     ("device", None, optional(device(), "None (CUDA when available)"),
      "device; 'cuda' without CUDA falls back to the CPU with one line", "runtime"),
+    ("strategy", "ddp", choice("ddp", "fsdp"),
+     "several processes: 'ddp' (DistributedDataParallel) or 'fsdp' (FSDP2 fully_shard of each block, then the "
+     "model); checkpoints hold full state dicts either way, so they load anywhere", "runtime"),
     ("find_unused_params", False, boolean(), "DistributedDataParallel(find_unused_parameters=...)", "runtime"),
     ("no_dist", False, boolean(), "refuse to run under torchrun with several processes", "runtime"),
     ("world_size", 1, integer(1), "accepted; torchrun's WORLD_SIZE decides", "runtime"),

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from dnrt.errors import DNRTError
 from dnrt.tool import distributed as D
 from dnrt.tool import rundir as R
+from dnrt.tool import threads
 from dnrt.tool.rundir import checkpoint_state, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
 from dnrt.tool.config import ignored
 from dnrt.tool.data import build_dataset, dataset_info
@@ -122,11 +122,11 @@ def grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tenso
 def step_if(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], ok: torch.Tensor) -> None:
     """optimizer.step(), its result kept only where the device flag `ok` holds (torch.where): a step whose loss or
     gradient is non-finite never lands in the weights, and deciding it needs no host sync."""
-    before = [p.detach().clone() for p in params]
+    before = [D.local(p).detach().clone() for p in params]
     optimizer.step()
     with torch.no_grad():
         for p, old in zip(params, before):
-            p.copy_(torch.where(ok, p, old))
+            D.local(p).copy_(torch.where(ok, D.local(p), old))
 
 
 class NonFinite(DNRTError):
@@ -176,7 +176,7 @@ def train_one_epoch(model: nn.Module, arr: Any, loss_fn: Callable, optimizer: to
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        norm = grad_norm(params, cfg["clip_max_norm"])
+        norm = D.local(grad_norm(params, cfg["clip_max_norm"]))  # FSDP2: a replicated DTensor
         bad = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(norm)])
         if scaler.is_enabled():  # fp16: the scaler skips steps whose gradients overflowed, by design; count them
             stats[4] += bad[1]
@@ -238,9 +238,11 @@ def evaluate(model: nn.Module, arr: Any, loader: DataLoader, device: torch.devic
     if arr is not None:
         arr.eval()  # the memory is read, never written
     preds, targets_all, top5, losses, arr_sum = [], [], [], [], 0.0
+    one = None
     for images, targets in batches(loader):
         STOP.check()
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        one = images[:1]
         with autocast():
             logits = model(images)
             if arr is not None:
@@ -251,6 +253,8 @@ def evaluate(model: nn.Module, arr: Any, loader: DataLoader, device: torch.devic
         top5.append((logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1).cpu())
         preds.append(logits.argmax(dim=1).cpu())
         targets_all.append(targets.cpu())
+    if D.is_distributed() and D.is_sharded(model) and one is not None:
+        D.even_out(len(preds), lambda: model(one))
     local = [torch.cat(t).numpy() if t else np.zeros(0) for t in (preds, targets_all, top5, losses)]
     gathered = D.all_gather_objects(local + [arr_sum])
     pred, true, in_top5, loss = (np.concatenate([g[j] for g in gathered]) for j in range(4))
@@ -417,6 +421,15 @@ def tensorboard(out: Path) -> SummaryWriter:
     return writer
 
 
+def use_threads(cfg: dict, dataset: Dataset, model: nn.Module, args: dict[str, int], device: torch.device) -> None:
+    """The intra-op threads and data workers threads.choose picks, logged once; cfg['num_workers'] (and so
+    config.json) records the workers used."""
+    example = torch.zeros(1, args["in_chans"], args["img_size"], args["img_size"], device=device)
+    choice = threads.choose(cfg, dataset, model, example, device)
+    cfg["num_workers"] = choice["workers"]
+    print_main(choice["line"])
+
+
 def train(cfg: dict) -> dict[str, Any]:
     """Train for cfg['epochs'] epochs in cfg['output_dir'] (continuing the unfinished run there, or resuming from
     cfg['resume']), writing the run directory; returns final metrics."""
@@ -426,10 +439,12 @@ def train(cfg: dict) -> dict[str, Any]:
     note = ignored(cfg, D.is_distributed(), device.type)
     if note:
         print_main(note)
+    previous = torch.get_num_threads()
     try:
         with STOP, R.owned(cfg["output_dir"], D.is_main_process()):
             return _train(cfg, device)
     finally:
+        torch.set_num_threads(previous)
         D.cleanup()
 
 
@@ -444,38 +459,39 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     seed_everything(cfg["seed"])
     args = model_args(cfg)
     train_set, test_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
+    print_main(f"data: {cfg['dataset']} from {cfg['data_root']}: {len(train_set)} training, "
+               f"{len(test_set)} test images")
+
+    print_main(f"model: {cfg['model']} {args} act={cfg['act']} criterion={cfg['criterion']}")
+    model, arr = build_model(cfg, args, device, fresh=plan.checkpoint is None)
+    use_threads(cfg, train_set, model, args, device)
     loader, sampler = train_loader(cfg, train_set)
     val_loader = test_loader(cfg, test_set)
     if len(loader) == 0:
         raise DNRTError(f"no training batch: {cfg['dataset']} has {len(sampler)} training images per process, "
                         f"fewer than batch_size={cfg['batch_size']} with drop_last=True" if len(sampler)
                         else f"the training set of {cfg['dataset']} is empty")
-    print_main(f"data: {cfg['dataset']} from {cfg['data_root']}: {len(train_set)} training, "
-               f"{len(test_set)} test images")
-
-    print_main(f"model: {cfg['model']} {args} act={cfg['act']} criterion={cfg['criterion']}")
-    model, arr = build_model(cfg, args, device, fresh=plan.checkpoint is None)
     conversion = model.__dict__.get("_dnrt_conversion")
     cfg_record = {**cfg, "converted_activations": conversion.to_dict() if conversion else None}
     n_parameters = sum(p.numel() for p in model.parameters())
     if D.is_distributed() and cfg["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    start_epoch, best_acc1, resumes, lr_scale = cfg["start_epoch"], 0.0, [], 1.0
+    if plan.checkpoint:  # the weights before FSDP shards them
+        state = load_checkpoint(plan.checkpoint, map_location=device)
+        start_epoch, resumes = resume_point(state, cfg, plan.checkpoint)
+        load_weights(state, model, arr, plan.checkpoint)
     model_without_ddp = model
     if D.is_distributed():
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        find_unused_parameters=cfg["find_unused_params"])
+        model = D.wrap(model, cfg["strategy"], device, cfg["find_unused_params"])
 
     optimizer = build_optimizer(cfg, model_without_ddp)
     scheduler = build_scheduler(cfg, optimizer, len(loader))
     autocast, scaler = mixed_precision(cfg, device)
     loss_fn = make_loss(model, arr, nn.CrossEntropyLoss(), cfg["compile"])
 
-    start_epoch, best_acc1, resumes, lr_scale = cfg["start_epoch"], 0.0, [], 1.0
     if plan.checkpoint:
-        state = load_checkpoint(plan.checkpoint, map_location=device)
-        start_epoch, resumes = resume_point(state, cfg, plan.checkpoint)
-        load_weights(state, model_without_ddp, arr, plan.checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        D.load_optimizer(model_without_ddp, optimizer, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         best_acc1 = state["best_acc1"]
         if not plan.message:
@@ -514,9 +530,10 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
             improved = evaluated and (log["test_acc1"] > best_acc1 or not (out / R.BEST).exists())
             if improved:
                 best_acc1 = log["test_acc1"]
+            weights, optimizer_state = D.full_state(model_without_ddp, optimizer)  # FSDP: every process gathers
             if main:
-                state = checkpoint_state(model_without_ddp, arr, optimizer, scaler, epoch, best_acc1, cfg, args,
-                                         resumes, lr_scale)
+                state = {**checkpoint_state(model_without_ddp, arr, optimizer, scaler, epoch, best_acc1, cfg, args,
+                                            resumes, lr_scale), "model": weights, "optimizer": optimizer_state}
                 names = [R.BEST] * improved + [R.numbered(epoch)] * ((epoch + 1) % cfg["save_interval"] == 0
                                                                      or last) + [R.LATEST]
                 save_epoch(out, log, state, names, latest, done)
@@ -559,19 +576,22 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str, out: str | None = None) -> d
     the checkpoint (or to `out`): never into the output_dir its config records, which may be another copy's."""
     device = D.select_device(cfg["device"])
     D.init_distributed(device)
+    previous = torch.get_num_threads()
     try:
         state = load_checkpoint(checkpoint, map_location=device)
         args = state.get("model_args") or model_args(cfg)
         model, arr = build_model(cfg, args, device, fresh=False)
         load_weights(state, model, arr, checkpoint)
         autocast, _ = mixed_precision(cfg, device)
-        metrics = evaluate(model, arr, test_loader(cfg, build_dataset(cfg, train=False)), device, autocast,
-                           args["num_classes"])
+        test_set = build_dataset(cfg, train=False)
+        use_threads(cfg, test_set, model, args, device)
+        metrics = evaluate(model, arr, test_loader(cfg, test_set), device, autocast, args["num_classes"])
         metrics = {"checkpoint": str(checkpoint), "epoch": state.get("epoch"), **metrics}
         if D.is_main_process():
             print(eval_summary(metrics, R.write_eval(out or Path(checkpoint).parent, metrics)), flush=True)
         return metrics
     finally:
+        torch.set_num_threads(previous)
         D.cleanup()
 
 

@@ -11,8 +11,8 @@ from dnrt.tool.rundir.files import CONFIG, read_json, write_json
 COMMAND_KEYS = ("resume", "eval", "overwrite")
 # keys that leave the result alone: they may differ between the commands that train one run (recorded on resume)
 NEUTRAL_KEYS = ("output_dir", "data_root", "num_workers", "device", "print_freq", "save_interval", "eval_interval",
-                "compile", "pin_memory", "note", "find_unused_params", "start_epoch", "drop_lr_now", "world_size",
-                "dist_url", "dist_backend", "local_rank", "load_pos", "save_pos", "output_root")
+                "compile", "pin_memory", "note", "find_unused_params", "strategy", "start_epoch", "drop_lr_now",
+                "world_size", "dist_url", "dist_backend", "local_rank", "load_pos", "save_pos", "output_root")
 # keys every config.json of dnrt holds: a config.json without them was written by another program
 SIGNATURE = ("model", "dataset", "act", "criterion", "epochs", "output_dir", "resumes")
 
