@@ -21,7 +21,8 @@ EXPECTED = {
 
 # examples run by a test elsewhere: the file that runs it
 ELSEWHERE = {"hf_vit_image_folder.py": "test_examples.py", "hf_bert_text.py": "test_examples.py",
-             "timm_lazy_raa.py": "test_lazy_raa.py", "torch_func_per_sample.py": "test_func.py"}
+             "accelerate_arr.py": "test_examples.py", "timm_lazy_raa.py": "test_lazy_raa.py",
+             "torch_func_per_sample.py": "test_func.py", "lightning_ddp.py": "test_lightning.py"}
 
 
 def test_every_example_is_tested():
@@ -88,3 +89,11 @@ def test_hf_bert_text(tmp_path):
               "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
     assert "replaced 2 with 'raa' (GELUActivation ×2)" in out and "accuracy after:" in out
     saved_converted(tmp_path / "run")
+
+
+def test_accelerate_saves_and_loads_the_memory(tmp_path):
+    pytest.importorskip("accelerate")
+    out = run("accelerate_arr.py", "--output-dir", str(tmp_path / "state"), "--steps", "3", cwd=tmp_path)
+    assert "after 3 steps" in out and "classes seen 4" in out
+    assert "ARR memory restored by load_state: True" in out.splitlines()
+    assert any((tmp_path / "state").rglob("custom_checkpoint_0.pkl"))  # ARR's state, saved by save_state
