@@ -72,6 +72,7 @@ def fsdp1(rank: int, port: int) -> None:
         loss = wrapped(torch.randn(4, 6)).sum() + arr.loss(y)
         loss.backward()
         assert all(p.grad is not None for p in wrapped.parameters())
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

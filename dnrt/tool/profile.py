@@ -209,10 +209,9 @@ def run(args: argparse.Namespace) -> int:
     table = format_profile(result)
     print(table, end="")
     if args.out:
-        from dnrt.tool.compare import output_path
-        path = output_path(args.out, ".", "profile.md")
         from dnrt.tool import rundir
 
+        path = rundir.output_path(args.out, ".", "profile.md")
         rundir.write_text(path, table)
         rundir.write_json(path.with_suffix(".json"), result)
         print(f"written: {path}")

@@ -505,7 +505,7 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     scheduler.step_update(start_epoch * len(loader))  # the schedule of this run's length at its start or resume point
     if main:
         if plan.checkpoint and plan.checkpoint == cfg["resume"] and (out / R.LOG).is_file():  # -r given: check
-            R.check_log(out, start_epoch, plan.checkpoint)
+            R.check_log(out, start_epoch, plan.checkpoint, R.first_epoch(out, resumes))
         start_files(out, cfg_record, resumes, start_epoch, plan.checkpoint)
     D.barrier()
     writer = tensorboard(out) if main else None

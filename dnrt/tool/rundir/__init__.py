@@ -19,12 +19,12 @@ from dnrt.tool.rundir.files import (BEST, CONFIG, EVAL, JOB, LATEST, LOCK, LOG, 
                                     remove_temp_files, temp_beside, usable_folder, write_eval, write_json, write_text)
 from dnrt.tool.rundir.folder import Plan, best_and_last, owned, plan_run
 from dnrt.tool.rundir.lock import RunLock
-from dnrt.tool.rundir.log import append_log, check_log, log_lines, read_log, start_log
+from dnrt.tool.rundir.log import append_log, check_log, first_epoch, log_lines, read_log, start_log
 from dnrt.tool.rundir.manifest import record, remove_run, split_files
 
 __all__ = ["BEST", "COMMAND_KEYS", "CONFIG", "EVAL", "JOB", "LATEST", "LOCK", "LOG", "MANIFEST", "NEUTRAL_KEYS", "Plan",
            "RunLock", "TENSORBOARD", "append_log", "atomic_write", "best_and_last", "changed_keys", "check_log",
-           "checkpoint_in", "checkpoint_state", "describe", "dumps", "is_dnrt_config", "is_folder_target",
+           "checkpoint_in", "checkpoint_state", "describe", "dumps", "first_epoch", "is_dnrt_config", "is_folder_target",
            "load_checkpoint", "load_run", "load_weights", "log_lines", "non_finite_tensors", "numbered",
            "output_error", "output_path", "owned", "plan_run", "read_config", "read_json", "read_log", "record",
            "remove_run", "remove_temp_files", "result_changes", "save_checkpoint", "split_files", "start_log",

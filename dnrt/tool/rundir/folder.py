@@ -14,7 +14,7 @@ from dnrt.tool.rundir.config_json import NEUTRAL_KEYS, changed_keys, describe, i
     result_changes
 from dnrt.tool.rundir.files import CONFIG, LATEST, usable_folder
 from dnrt.tool.rundir.lock import RunLock
-from dnrt.tool.rundir.log import check_log, read_log
+from dnrt.tool.rundir.log import check_log, first_epoch, read_log
 from dnrt.tool.rundir.manifest import remove_run
 
 
@@ -96,7 +96,8 @@ def plan_run(cfg: dict[str, Any], resumable: bool = True) -> Plan:
                         f"or give --overwrite True to replace that run")
     if cfg["resume"]:
         return Plan("resume", cfg["resume"])
-    note = check_log(out, done, str(latest)) if resumable and latest.is_file() else None
+    note = check_log(out, done, str(latest), first_epoch(out, state.get("resumes", []))) \
+        if resumable and latest.is_file() else None
     if done >= cfg["epochs"]:
         best, last = best_and_last(read_log(out))
         more = "more --epochs continues it, " if resumable else ""

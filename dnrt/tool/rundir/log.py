@@ -47,10 +47,21 @@ def read_log(run_dir: str | os.PathLike, required: bool = False) -> list[dict[st
     return [rows[e] for e in sorted(rows)]
 
 
-def check_log(run_dir: Path, done: int, source: str) -> str | None:
+def first_epoch(run_dir: Path, resumes: list[dict[str, Any]]) -> int:
+    """The first epoch `run_dir`'s log holds: where the last resume from a checkpoint outside the folder (`-r` of
+    another run's checkpoint, a copied folder) began, else 0."""
+    here = Path(run_dir).resolve()
+    first = 0
+    for resume in resumes:
+        if Path(resume["checkpoint"]).resolve().parent != here:
+            first = resume["epoch"]
+    return first
+
+
+def check_log(run_dir: Path, done: int, source: str, first: int = 0) -> str | None:
     """Before a run continues at epoch `done` (as `source` says): refuse a log.txt that cannot be trusted (a line
-    that does not parse, or epochs missing that the checkpoint says ran) with the way out; a missing log is that way
-    out, and returns the note that the log restarts at `done`."""
+    that does not parse, or epochs from `first` on missing that the checkpoint says ran) with the way out; a
+    missing log is that way out, and returns the note that the log restarts at `done`."""
     log = run_dir / LOG
     if not log.is_file():
         return f"{log} is missing: the log goes on from epoch {done}, without the lines of the epochs before" \
@@ -61,7 +72,7 @@ def check_log(run_dir: Path, done: int, source: str) -> str | None:
         rows = _rows(log)
     except DNRTError as e:
         raise DNRTError(f"{e}: the log cannot be trusted; {way_out}") from None
-    missing = [e for e in range(done) if e not in rows]
+    missing = [e for e in range(first, done) if e not in rows]
     if missing:
         held = "holds no epochs" if not rows else f"lacks epoch{'s' * (len(missing) > 1)} {_span(missing)}"
         raise DNRTError(f"{log} {held} while {source} says {done} epoch{'s' * (done != 1)} ran: the log cannot be "
