@@ -310,6 +310,14 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
     return img.point(lambda _: 0) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
+def location(dataset: Dataset, cfg: dict) -> str:
+    """Where a built dataset was read from: its own root (torchvision's datasets, e.g. Debian's Fashion-MNIST
+    folder), else data_root."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return str(getattr(dataset, "root", cfg["data_root"]))
+
+
 def targets_of(dataset: Dataset) -> list[int]:
     """The class index of every sample, read from the dataset's label field without loading images."""
     for field in ("targets", "labels"):
