@@ -41,7 +41,8 @@ def test_table1_dry_run_lists_every_cell(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("table, count", [("table2", 120), ("table3", 15), ("table5_lt", 18), ("table5_graph", 6),
-                                          ("table6", 12), ("digits", 12), ("digits_lt", 18), ("digits_graph", 6)])
+                                          ("table6", 12), ("digits", 12), ("digits_lt", 18), ("digits_graph", 6),
+                                          ("fashion", 8)])
 def test_table_sizes(table, count):
     assert len(R.cells(table)) == count
 
@@ -169,6 +170,30 @@ def test_digits_configs_build_on_real_data():
         train, test = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
         assert len(test) == 899 and len(train) < 898
         assert train[0][0].shape == (1, 8, 8)
+
+
+def test_fashion_study_cells_and_configs():
+    """Each model with its baseline activation, RAA, baseline + ARR and RAA + ARR (lambda 10), on 6,000 of the
+    training images; the configs build their model for 28x28 grey images without reading the data."""
+    from dnrt.tool.train import build_model
+
+    chosen = R.cells("fashion")
+    assert [c.name for c in chosen] == [f"fashion_mnist_{m}_{c}" for m, columns in
+                                        (("vit", ("gelu", "raa", "gelu_arr", "dnrt")),
+                                         ("resnet8", ("relu", "raa", "relu_arr", "dnrt"))) for c in columns]
+    assert [c.name for c in R.cells("fashion", acts=["relu"])] == ["fashion_mnist_resnet8_relu"]
+    for cell in chosen:
+        cfg = load_config(str(cell.config))
+        assert (cfg["dataset"], cfg["train_subset"], cfg["epochs"]) == ("fashion_mnist", 6000, 6)
+        assert cfg["criterion"] == ("arr" if cell.column in ("gelu_arr", "relu_arr", "dnrt") else "ce")
+        assert cfg["criterion"] == "ce" or cfg["arr_loss_coef"] == 10.0
+        if cell.column == "dnrt":
+            args = dataset_info(cfg)
+            assert args == {"num_classes": 10, "in_chans": 1, "img_size": 28}
+            model, arr = build_model(cfg, args, torch.device("cpu"))
+            assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+            assert len(arr.layers) == (4 if cell.model == "vit" else 3)  # the 4 blocks; ResNet-8's 3 stages
+            arr.remove()
 
 
 @pytest.mark.parametrize("beta, total", [(10, 20431), (50, 13996), (100, 12406)])

@@ -1,6 +1,7 @@
 """Datasets by name: torchvision's, image folders, scikit-learn's digits, synthetic data, and long-tailed splits."""
 from __future__ import annotations
 
+import gzip
 import math
 import socket
 from dataclasses import dataclass
@@ -43,17 +44,101 @@ def _torchvision(cls: type, root_name: str, split_kw: Callable[[bool], dict]) ->
             return cls(download=False, **kwargs)
         except RuntimeError:
             pass  # not in place: try to download it
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision sets none: a dropped connection would hang
         try:
-            return cls(download=True, **kwargs)
+            return _download(cls, kwargs)
         except Exception:
             raise DNRTError(f"dataset {root_name} is not in {root} and could not be downloaded; "
                             f"put {_archives(cls)} into {_archive_folder(cls, root)}") from None
-        finally:
-            socket.setdefaulttimeout(previous)
 
     return build
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's package dataset-fashion-mnist
+_ANNOUNCED: set[str] = set()  # sources already named in this process (one line, not one per split)
+
+
+def _announce(line: str) -> None:
+    """Print which copy of a dataset is used, once per process (the main one under torchrun)."""
+    from dnrt.tool.distributed import is_main_process
+
+    if line not in _ANNOUNCED and is_main_process():
+        _ANNOUNCED.add(line)
+        print(line, flush=True)
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """A uint8 tensor from a gzipped idx file (the MNIST family's format: magic 0x0000080N, N big-endian sizes)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08 or not 1 <= ndim <= 3:
+        raise DNRTError(f"{path} is not a uint8 idx file (magic {magic:#010x})")
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    body = data[4 * (ndim + 1):]
+    if len(body) != math.prod(shape):
+        raise DNRTError(f"{path} holds {len(body)} bytes of data, its header says {shape}; the file is damaged")
+    return torch.frombuffer(bytearray(body), dtype=torch.uint8).view(*shape)
+
+
+class GzipFashionMNIST(torchvision.datasets.FashionMNIST):
+    """torchvision's FashionMNIST read from the gzipped idx files of one folder, where they are left in place
+    (Debian's dataset-fashion-mnist installs them so; torchvision itself reads only the unpacked files)."""
+
+    def __init__(self, folder: Path, train: bool, transform: Callable | None = None) -> None:
+        self.folder = Path(folder)
+        super().__init__(str(folder), train=train, transform=transform)
+
+    @property
+    def raw_folder(self) -> str:
+        return str(self.folder)
+
+    def _check_exists(self) -> bool:
+        return all((self.folder / name).is_file() for name, _ in self.resources)
+
+    def _load_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        split = "train" if self.train else "t10k"
+        images, labels = (read_idx(self.folder / f"{split}-{kind}.gz") for kind in ("images-idx3-ubyte",
+                                                                                     "labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DNRTError(f"{self.folder}: {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} "
+                            f"do not match")
+        return images, labels.long()
+
+
+def _fashion_mnist(cfg: dict, train: bool, transform: Callable | None) -> Dataset:
+    """Fashion-MNIST from data_root's copy (torchvision's layout), else Debian's files in place, else
+    torchvision's download; one line says which."""
+    root, cls = data_root(cfg), torchvision.datasets.FashionMNIST
+    try:
+        dataset = cls(str(root), train=train, transform=transform, download=False)
+        _announce(f"fashion_mnist: data_root's copy in {_archive_folder(cls, root)}")
+        return dataset
+    except RuntimeError:
+        pass  # no copy in data_root
+    if all((DEBIAN_FASHION_MNIST / name).is_file() for name, _ in cls.resources):
+        dataset = GzipFashionMNIST(DEBIAN_FASHION_MNIST, train, transform)
+        _announce(f"fashion_mnist: Debian's dataset-fashion-mnist files in {DEBIAN_FASHION_MNIST} "
+                  f"(none in data_root {root})")
+        return dataset
+    try:
+        dataset = _download(cls, dict(root=str(root), train=train, transform=transform))
+    except Exception:
+        raise DNRTError(f"dataset fashion_mnist: found neither in {_archive_folder(cls, root)} ({_archives(cls)}) "
+                        f"nor in {DEBIAN_FASHION_MNIST} (Debian: apt install dataset-fashion-mnist), "
+                        f"and the download failed") from None
+    _announce(f"fashion_mnist: downloaded by torchvision into {_archive_folder(cls, root)}")
+    return dataset
+
+
+def _download(cls: type, kwargs: dict) -> Dataset:
+    """cls(download=True) with a socket timeout (torchvision sets none: a dropped connection would hang)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return cls(download=True, **kwargs)
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def data_root(cfg: dict) -> Path:
@@ -159,8 +244,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "cifar100": DatasetSpec(_torchvision(torchvision.datasets.CIFAR100, "cifar100", _split), 100, 3, 32,
                             *CIFAR100_STATS, True),
     "mnist": DatasetSpec(_torchvision(torchvision.datasets.MNIST, "mnist", _split), 10, 1, 28, *MNIST_STATS, False),
-    "fashion_mnist": DatasetSpec(_torchvision(torchvision.datasets.FashionMNIST, "fashion_mnist", _split), 10, 1, 28,
-                                 *FASHION_STATS, False),
+    "fashion_mnist": DatasetSpec(_fashion_mnist, 10, 1, 28, *FASHION_STATS, False),
     "svhn": DatasetSpec(_torchvision(torchvision.datasets.SVHN, "svhn", lambda t: {"split": "train" if t else "test"}),
                         10, 3, 32, *SVHN_STATS, True),
     "imagenet100": DatasetSpec(_image_folder, 100, 3, 224, *IMAGENET_STATS, True),
@@ -226,6 +310,14 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
     return img.point(lambda _: 0) if bits_to_keep <= 0 else auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
+def location(dataset: Dataset, cfg: dict) -> str:
+    """Where a built dataset was read from: its own root (torchvision's datasets, e.g. Debian's Fashion-MNIST
+    folder), else data_root."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return str(getattr(dataset, "root", cfg["data_root"]))
+
+
 def targets_of(dataset: Dataset) -> list[int]:
     """The class index of every sample, read from the dataset's label field without loading images."""
     for field in ("targets", "labels"):
@@ -248,12 +340,28 @@ def long_tailed_indices(targets: Sequence[int], imbalance_factor: float) -> list
     return sorted(keep)
 
 
+def balanced_indices(targets: Sequence[int], n: int) -> list[int]:
+    """Indices of the first n // K samples of each of the K classes, in dataset order."""
+    targets = np.asarray(targets)
+    classes = np.unique(targets)
+    per_class = n // len(classes)
+    if per_class < 1:
+        raise DNRTError(f"train_subset={n} is fewer than one image for each of the {len(classes)} classes")
+    return sorted(i for c in classes for i in np.flatnonzero(targets == c)[:per_class].tolist())
+
+
 def build_dataset(cfg: dict, train: bool) -> Dataset:
-    """The training or test set named by cfg['dataset'], transformed; `<name>_lt` subsamples the training set."""
+    """The training or test set named by cfg['dataset'], transformed; `<name>_lt` and train_subset subsample the
+    training set."""
     spec, long_tailed = _spec(cfg["dataset"])
+    subset = cfg.get("train_subset")
+    if long_tailed and subset is not None:
+        raise DNRTError(f"train_subset={subset} with the long-tailed {cfg['dataset']}: choose one of the two")
     dataset = spec.build(cfg, train, build_transform(cfg, train))
     if long_tailed and train:
         if cfg["imbalance_factor"] < 1:
             raise DNRTError(f"imbalance_factor must be >= 1, got {cfg['imbalance_factor']}")
         dataset = Subset(dataset, long_tailed_indices(targets_of(dataset), cfg["imbalance_factor"]))
+    if subset is not None and train:
+        dataset = Subset(dataset, balanced_indices(targets_of(dataset), subset))
     return dataset

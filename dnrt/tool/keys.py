@@ -215,6 +215,8 @@ KEYS: dict[str, Key] = _keys(
     ("image_size", None, optional(integer(1), "None (the dataset's own size)"),
      "input side in pixels; digits and fake are resized to it", "data"),
     ("imbalance_factor", 100, number(1), "β of the long-tailed `<name>_lt` datasets", "data"),
+    ("train_subset", None, optional(integer(1), "None (every training image)"),
+     "train on the first N // classes images of each class only (a smaller, balanced training set)", "data"),
     ("no_aug", None, optional(boolean(), "None (True for digits, fake, mnist, fashion_mnist)"),
      "True: resize and normalise only; False: the paper's timm augmentation", "data"),
     ("train_aug_kwargs", {}, mapping(), "overrides of timm.data.create_transform(is_training=True)", "data"),

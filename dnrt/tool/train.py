@@ -26,7 +26,7 @@ from dnrt.tool import rundir as R
 from dnrt.tool import threads
 from dnrt.tool.rundir import checkpoint_state, load_checkpoint, load_weights, non_finite_tensors, save_checkpoint
 from dnrt.tool.config import ignored
-from dnrt.tool.data import build_dataset, dataset_info
+from dnrt.tool.data import build_dataset, dataset_info, location
 from dnrt.tool.models import build_arr, create_model
 from dnrt.tool.schedule import build_optimizer, build_scheduler, drop_lr_now
 
@@ -459,7 +459,7 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
     seed_everything(cfg["seed"])
     args = model_args(cfg)
     train_set, test_set = build_dataset(cfg, train=True), build_dataset(cfg, train=False)
-    print_main(f"data: {cfg['dataset']} from {cfg['data_root']}: {len(train_set)} training, "
+    print_main(f"data: {cfg['dataset']} from {location(train_set, cfg)}: {len(train_set)} training, "
                f"{len(test_set)} test images")
 
     print_main(f"model: {cfg['model']} {args} act={cfg['act']} criterion={cfg['criterion']}")
