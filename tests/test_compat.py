@@ -183,7 +183,7 @@ def test_authors_configs_get_the_authors_arr_layer_weighting(authors_configs):
     from dnrt.tool.rundir import changed_keys
 
     cfg, model, arr = built(authors_configs / "dnrt.py")
-    assert cfg["arr_layer_weighting"] == "reference" == compat.ARR_LAYER_WEIGHTING and arr.layer_weighting == "reference"
+    assert cfg["arr_layer_weighting"] == compat.ARR_LAYER_WEIGHTING == "reference" == arr.layer_weighting
     assert load_config("configs/dnrt.py", ["--arr_layer_weighting", "paper"])["arr_layer_weighting"] == "paper"
     assert resolve(cfg)["arr_layer_weighting"] == "reference"  # the saved config rebuilds the same ARR
     assert load_config("dnrt")["arr_layer_weighting"] == "paper"  # the tool's own configs: the paper's formula
