@@ -179,7 +179,8 @@ def metric(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def arr_loss(hidden: list[torch.Tensor], memories: nn.ModuleList, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of the mean |h − μ_y| of the labelled nodes (the memories update in train mode)."""
+    """Mean over layers of the mean |h − μ_y| of the labelled nodes (the memories update in train mode); the hidden
+    layers have one width, so arr_layer_weighting (docs/method.md §3) makes no difference here."""
     losses = [(h[idx] - memory(h[idx], y[idx])).abs().mean() for h, memory in zip(hidden, memories)]
     return torch.stack(losses).mean()
 
