@@ -94,7 +94,6 @@ class ARR(nn.Module):
             device = next((p.device for p in model.parameters()), None)
             self.make_memory(sum(self._width_hints)).to(device)
         self._reset()
-        self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._tap()
 
     def _reset(self) -> None:
