@@ -4,6 +4,7 @@ import timm
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 import dnrt
 from dnrt.nn.convert import RELU_TYPES, WidthDispatch, gelu_types
@@ -103,3 +104,72 @@ def test_converted_model_trains_the_shift():
 def test_bad_replace():
     with pytest.raises(dnrt.DNRTError, match="replace must be None, 'all' or module types"):
         dnrt.convert(TV["resnet18"](), torch.randn(1, 3, 32, 32), replace="relu")
+
+
+class FunctionalReLU(nn.Module):
+    """Activations as F.relu calls only, as torchvision's GoogLeNet has them: nothing a module swap reaches."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x))).relu()
+
+
+def test_nothing_to_replace_is_refused_naming_the_functional_calls():
+    model = FunctionalReLU()
+    with pytest.raises(dnrt.DNRTError, match=r"replaced nothing in FunctionalReLU: no activation modules; .*"
+                                             r"F\.relu ×1, Tensor\.relu ×1"):
+        dnrt.convert(model, torch.randn(2, 4))
+    with pytest.warns(UserWarning, match="replaced nothing in FunctionalReLU"):
+        assert dnrt.convert(model, torch.randn(2, 4), strict=False) is model
+    assert dnrt.conversion_report(model).total == 0 and dnrt.conversion_report(model).functional == {
+        "F.relu": 1, "Tensor.relu": 1}
+
+
+def test_tool_refuses_raa_on_googlenet():
+    from dnrt.tool.models import create_model
+
+    with pytest.raises(dnrt.DNRTError, match=r"^model googlenet: act='raa' cannot be applied: dnrt.convert replaced "
+                                             r"nothing in GoogLeNet: no activation modules; .*F\.relu ×57$"):
+        create_model("googlenet", num_classes=4, model_lib="torchvision", act="raa",
+                     model_kwargs={"aux_logits": False, "init_weights": False})
+
+
+def test_report_counts_every_replaced_class():
+    vit = TIMM["vit"]()
+    assert dnrt.convert(vit, torch.randn(1, 3, 32, 32)) is vit
+    report = dnrt.conversion_report(vit)
+    assert report.replaced == {"GELU": 2} and report.kept == {} and report.functional == {}
+    with pytest.raises(dnrt.DNRTError, match=r"replaced nothing in VisionTransformer \(it already holds 2 RAA"):
+        dnrt.convert(vit, torch.randn(1, 3, 32, 32))
+    resnet = TV["resnet18"]()
+    relus = sum(isinstance(m, nn.ReLU) for m in resnet.modules())
+    dnrt.convert(resnet, torch.randn(1, 3, 32, 32))
+    report = dnrt.conversion_report(resnet)
+    assert report.replaced == {"ReLU": relus} and report.total == relus == 9
+    assert "replaced 9 with 'raa' (ReLU ×9)" in str(report)
+    with pytest.raises(dnrt.DNRTError, match="has not been converted"):
+        dnrt.conversion_report(TV["vgg11"]())
+
+
+def test_tanh_gelu_converts_only_on_request():
+    torch.manual_seed(0)
+    tanh_only = nn.Sequential(nn.Linear(4, 64), nn.GELU(approximate="tanh"), nn.Linear(64, 2))
+    x = torch.randn(64, 4) * 3
+    with pytest.raises(dnrt.DNRTError, match=r"kept: GELU\(approximate='tanh'\) ×1 \(converted only on request: "
+                                             r"replace='all' or replace=\(GELU\(approximate='tanh'\),\)"):
+        dnrt.convert(tanh_only, x)
+    assert isinstance(tanh_only[1], nn.GELU)
+    mixed = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.GELU(approximate="tanh"))
+    with pytest.warns(UserWarning, match=r"kept GELU\(approximate='tanh'\) ×1"):
+        dnrt.convert(mixed, x)
+    assert isinstance(mixed[1], dnrt.RAA) and isinstance(mixed[3], nn.GELU)
+    with torch.no_grad():
+        before = tanh_only(x)
+    with pytest.warns(UserWarning, match="erf-based 'raa': the outputs move at step 0"):
+        dnrt.convert(tanh_only, x, replace="all")
+    with torch.no_grad():
+        moved = (tanh_only(x) - before).abs().max()
+    assert isinstance(tanh_only[1], dnrt.RAA) and 1e-6 < moved < 1e-2  # erf against tanh: a real, small difference

@@ -1,5 +1,7 @@
 """RAA's kernels and ops: the C++ kernels against the float64 formula (docs/method.md §1, §2), the default choice
 and its fallback, ``set_fused``, ``torch.library.opcheck`` of every registered op, compile and export."""
+import os
+import platform
 import shutil
 import warnings
 
@@ -13,13 +15,24 @@ from test_raa import formula
 
 
 def cpu_kernels_or_skip():
-    """The C++ kernels are built on this machine's x86 ISAs whenever a compiler is there; elsewhere skip."""
+    """The C++ kernels are built on x86-64 whenever a compiler is there, for the ISA level ATen runs (DEFAULT,
+    AVX2, AVX512: ``ATEN_CPU_CAPABILITY`` chooses it); elsewhere skip."""
     from dnrt.nn.kernels import raa_cpu
 
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512") or shutil.which("c++") is None:
-        pytest.skip("the CPU kernels need AVX2 or AVX-512 and a C++ compiler")
+    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None:
+        pytest.skip("the CPU kernels need an x86-64 CPU and a C++ compiler")
     assert raa_cpu.available()
     return raa_cpu
+
+
+def test_the_kernels_that_run_are_built_for_the_level_aten_runs():
+    """Under ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` (.ci/kernel_levels.sh) ATen runs that level, and so do
+    the kernels: each build says which ISA it was compiled for."""
+    cpu_kernels_or_skip()
+    level = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        assert level == os.environ["ATEN_CPU_CAPABILITY"].upper()
+    assert torch.ops.dnrt_cpu.raa_capability() == level
 
 
 def in_threads(n, fn):
@@ -182,15 +195,13 @@ def test_a_channels_last_map_runs_as_rows_and_keeps_its_layout(shift):
 
 
 def test_a_failed_build_warns_once_and_falls_back_to_plain_pytorch(monkeypatch):
-    from torch.utils import cpp_extension
-
     from dnrt.nn.kernels import build
 
-    def no_compiler(*args, **kwargs):
+    def no_compiler(source):
         raise RuntimeError("Ninja is required to load C++ extensions\nmore detail")
 
-    monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(build, "build", no_compiler)
+    monkeypatch.setattr(build, "level", lambda: "AVX2")
     build.load_cpp.cache_clear()
     torch.manual_seed(0)
     m, x = dnrt.RAA(6), torch.randn(4, 6, requires_grad=True)

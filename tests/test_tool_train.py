@@ -33,7 +33,9 @@ def test_run_directory(tiny):
     assert all(keys <= set(row) for row in log)
     assert all(row["train_loss"] == pytest.approx(row["train_ce"] + row["train_arr"]) for row in log)
     assert all(row["train_arr"] > 0 for row in log)
-    assert json.loads((run / "config.json").read_text())["act"] == "raa"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["act"] == "raa"
+    assert saved["converted_activations"]["total"] == 2 and saved["converted_activations"]["replaced"] == {"GELU": 2}
     state = torch.load(run / "checkpoint.pth", weights_only=True)
     assert state["epoch"] == 1 and state["config"]["criterion"] == "arr"
     assert state["best_acc1"] == max(row["test_acc1"] for row in log)

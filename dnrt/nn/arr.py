@@ -7,6 +7,7 @@ The model's forward is untouched, so DDP, AMP, ``torch.compile`` and inference w
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -16,8 +17,14 @@ from torch import nn
 from ..errors import DNRTError
 from .memory import ResponseMemory
 
+logger = logging.getLogger("dnrt")
 REDUCTIONS = ("auto", "cls", "mean", "pool")
 LAYER_WEIGHTINGS = ("paper", "reference")
+# Hugging Face model types whose sequences start with a class token ([CLS]) that their heads read
+HF_CLASS_TOKEN_TYPES = frozenset({
+    "vit", "deit", "beit", "dinov2", "data2vec-vision", "bert", "roberta", "xlm-roberta", "camembert", "electra",
+    "albert", "distilbert", "data2vec-text", "ernie", "mpnet", "deberta", "deberta-v2", "modernbert",
+})
 
 
 class ARR(nn.Module):
@@ -25,6 +32,10 @@ class ARR(nn.Module):
 
     ``layers``: ``"auto"`` (see ``find_layers``) or module names. ``reduce``: ``"auto"``, ``"cls"``
     (token 0), ``"mean"`` (over tokens), ``"pool"`` (global average pool of a channels-first map).
+    ``"auto"`` takes the class token where the model has one (timm's ``cls_token``, a Hugging Face ViT/DeiT/BERT/
+    RoBERTa...), the token mean for other sequences, the pool for maps; ``arr.chosen`` maps each layer to the
+    reduction used (also in the repr, and logged on ``dnrt`` once). Of a block returning a tuple, the hidden
+    states are taken (the first entry for Hugging Face models, else the last).
     ``sync``: under ``torch.distributed``, gather every process's responses before updating the memory.
     The per-class means of all tapped layers live side by side in one ``ResponseMemory`` (widths
     concatenated in ``layers`` order): one update and, under DDP, one gather per step.
@@ -85,6 +96,9 @@ class ARR(nn.Module):
             raise DNRTError(f"ARR: no module named {missing[0]!r} in {type(model).__name__}")
         self.num_classes, self.reduce, self.weight = num_classes, reduce, weight
         self.layer_weighting = layer_weighting
+        self.chosen: Dict[str, str] = {}
+        self._hf = _hf_config(model) is not None
+        self._hf_cls = _hf_class_token(model)
         self._memory_options = dict(momentum=momentum, order=order, sync=sync)
         ResponseMemory(num_classes, 1, **self._memory_options)  # fail early on a bad momentum or order
         self.register_module("memory", None)
@@ -179,11 +193,18 @@ class ARR(nn.Module):
 
     def _reduce(self, output, width_hint: Optional[int], name: str) -> torch.Tensor:
         """One response vector per sample from a tapped module's output."""
-        if isinstance(output, (tuple, list)):
-            output = output[-1]
+        if isinstance(output, (tuple, list)) and output:
+            output = output[0 if self._hf else -1]
         if not isinstance(output, torch.Tensor) or output.dim() < 2:
             raise DNRTError(f"ARR: layer {name!r} gave no [B, ...] tensor to take responses from")
-        how = self.reduce if self.reduce != "auto" else _auto_reduction(self._model[0], output)
+        how = self.reduce
+        if how == "auto":
+            how = _auto_reduction(self._model[0], output, self._hf_cls)
+            if name not in self.chosen and not torch.compiler.is_compiling():
+                if how not in self.chosen.values():
+                    logger.info("ARR(%s): reduce='auto' takes %s from %s", type(self._model[0]).__name__,
+                                _HOW[how], name)
+                self.chosen[name] = how
         if output.dim() == 2:
             return output
         if how == "cls":
@@ -232,7 +253,9 @@ class ARR(nn.Module):
         self._handles.clear()
 
     def extra_repr(self) -> str:
-        return (f"layers={len(self.layers)}, reduce={self.reduce!r}, weight={self.weight}, "
+        chosen = sorted(set(self.chosen.values()))
+        how = f" ({'/'.join(chosen)})" if self.reduce == "auto" and chosen else ""
+        return (f"layers={len(self.layers)}, reduce={self.reduce!r}{how}, weight={self.weight}, "
                 f"layer_weighting={self.layer_weighting!r}")
 
 
@@ -271,10 +294,32 @@ def _make_memory_for_state(arr: "ARR", state_dict, prefix: str, *args) -> None:
         arr.make_memory(mean.shape[1]).to(device)
 
 
-def _auto_reduction(model: nn.Module, output: torch.Tensor) -> str:
+_HOW = {"cls": "the class token (token 0)", "mean": "the token mean", "pool": "the map's average pool"}
+
+
+def _hf_config(model: nn.Module):
+    """The config of a Hugging Face model (duck-typed: dnrt does not import transformers), else None."""
+    config = getattr(model, "config", None)
+    return config if isinstance(getattr(model, "base_model_prefix", None), str) and hasattr(
+        config, "model_type") else None
+
+
+def _hf_class_token(model: nn.Module) -> Optional[bool]:
+    """Whether a Hugging Face model's sequences start with a class token (its model type, or a ``cls_token``
+    parameter in its embeddings); None for other models."""
+    config = _hf_config(model)
+    if config is None:
+        return None
+    return config.model_type in HF_CLASS_TOKEN_TYPES or any(
+        name.endswith("cls_token") for name, _ in model.named_parameters())
+
+
+def _auto_reduction(model: nn.Module, output: torch.Tensor, hf_class_token: Optional[bool] = None) -> str:
     """Class token where the sequence holds one, token mean for other sequences, average pool for maps."""
     if output.dim() != 3:
         return "pool"
+    if hf_class_token is not None:
+        return "cls" if hf_class_token else "mean"
     prefix = getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
     patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
     tokens = output.shape[1]
@@ -301,7 +346,9 @@ def find_layers(model: nn.Module) -> List[str]:
 
     1. timm's ``feature_info``; 2. top-level children named ``layerN`` / ``stageN`` (torchvision ResNet,
     ShuffleNet); 3. the children of a top-level ``blocks`` container; 4. the stage ends of a top-level
-    ``features`` Sequential (before each downsampling child, plus the last).
+    ``features`` Sequential (before each downsampling child, plus the last); 5. for a Hugging Face model, the
+    children of the first non-empty ModuleList of its base model (``vit.layers``, ``bert.encoder.layer``,
+    ``convnext.encoder.stages``, ``transformer.h``).
     """
     info = getattr(model, "feature_info", None)
     if isinstance(info, (list, tuple)) and info and isinstance(info[0], dict) and "module" in info[0]:
@@ -316,6 +363,11 @@ def find_layers(model: nn.Module) -> List[str]:
     features = children.get("features")
     if isinstance(features, nn.Sequential) and len(features):
         return [f"features.{i}" for i in _stage_ends(features)]
+    if _hf_config(model) is not None:
+        prefix = model.base_model_prefix
+        for name, module in model.named_modules():
+            if isinstance(module, nn.ModuleList) and len(module) and (name.startswith(prefix + ".") or not prefix):
+                return [f"{name}.{i}" for i in range(len(module))]
     raise DNRTError(
         f"ARR could not find blocks or stages in {type(model).__name__}; pass layers=[module names]"
     )

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from ..errors import DNRTError
 from . import kernels
@@ -40,7 +42,7 @@ class RAA(nn.Module):
         if not isinstance(num_features, int) or num_features < 1:
             raise DNRTError(f"RAA needs a positive integer num_features, got {num_features!r}")
         self.num_features, self.base, self.shift, self.channel_dim = num_features, base, shift, channel_dim
-        self.bias = nn.Parameter(torch.zeros(num_features if shift == "elementwise" else ()))
+        self.bias = nn.Parameter(torch.zeros(num_features if shift == "elementwise" else 1))  # never 0-d: FSDP2
         if shift == "vector":
             self.weight = nn.Parameter(torch.zeros(num_features))
         elif shift == "elementwise":
@@ -75,10 +77,14 @@ class RAA(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
-        """Refuse the state of an RAA of another kind; accept, with a warning, one saved before RAA kept its kind."""
+        """Refuse the state of an RAA of another kind; accept, with a warning, one saved before RAA kept its kind,
+        and a 0-d bias as older dnrt saved it (now of shape (1,), as FSDP2 shards no 0-d parameter)."""
         key, name = prefix + "kind", prefix.rstrip(".") or "RAA"
         if key in state_dict:
             _check_kind(state_dict[key], self.kind, name)
+        bias = state_dict.get(prefix + "bias")
+        if isinstance(bias, torch.Tensor) and bias.dim() == 0 and self.bias.shape == (1,):
+            state_dict[prefix + "bias"] = bias.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key in missing_keys:
@@ -86,6 +92,77 @@ class RAA(nn.Module):
         if key not in state_dict and prefix + "bias" in state_dict:
             warnings.warn(f"dnrt: {name}: the saved RAA state does not say its kind (saved by an older dnrt); "
                           f"loaded as {_describe(self.kind)} unchecked")
+
+
+class LazyRAA(LazyModuleMixin, RAA):
+    """An RAA whose width and channel layout come from its first input, so a model config can name it
+    (``timm.create_model(name, act_layer=dnrt.LazyRAA)``); it becomes an ``RAA`` on that first call.
+
+    Feature vectors lie last for tokens (inputs of up to 3 dims) and along dim 1 for maps (4 dims or more),
+    unless ``channel_dim`` is given (a map whose channels lie last, as in ConvNeXt's MLP, needs
+    ``channel_dim=-1``). ``base`` and ``shift`` as for ``RAA``; ``inplace`` is accepted for timm's
+    ``act_layer(inplace=...)`` and ignored (RAA keeps its input for backward). A state saved from an RAA
+    or a materialised LazyRAA loads before the first call, its kind fixing the layout.
+    """
+
+    cls_to_become = RAA
+    weight: Optional[UninitializedParameter]
+    bias: nn.Parameter
+
+    def __init__(self, base: str = "gelu", shift: str = "vector", channel_dim: Optional[int] = None,
+                 inplace: bool = False, device=None, dtype=None) -> None:
+        super().__init__(1, base=base, shift=shift, channel_dim=-1 if channel_dim is None else channel_dim)
+        self.num_features, self.channel_dim = 0, channel_dim
+        factory = {"device": device, "dtype": dtype}
+        if shift != "scalar":
+            self.weight = UninitializedParameter(**factory)
+        self.bias = UninitializedParameter(**factory) if shift == "elementwise" else nn.Parameter(
+            torch.zeros(1, **factory))
+        self.kind = UninitializedBuffer(device=device, dtype=torch.long)
+
+    def initialize_parameters(self, x: torch.Tensor) -> None:
+        """Size the parameters from the first input (all zeros, so the module starts as its base)."""
+        if self.num_features and not self.has_uninitialized_params():
+            return
+        if x.dim() == 0:
+            raise DNRTError("LazyRAA needs an input of at least one dimension, got a 0-d tensor")
+        if is_lazy(self.kind):
+            self._materialize(x.shape[self._layout(x)], self._layout(x))
+        elif not self.num_features:  # a loaded scalar-shift state says its layout, not its width
+            self.num_features = x.shape[self.channel_dim]
+
+    def _layout(self, x: torch.Tensor) -> int:
+        if self.channel_dim is not None:
+            return self.channel_dim
+        return 1 if x.dim() >= 4 else -1
+
+    def _materialize(self, width: int, channel_dim: int) -> None:
+        self.num_features, self.channel_dim = width, channel_dim
+        if self.shift == "vector":
+            self.weight.materialize((width,))
+        elif self.shift == "elementwise":
+            self.weight.materialize((width, width))
+            self.bias.materialize((width,))
+        self.kind.materialize((3,))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+            self.kind.copy_(torch.tensor([BASES.index(self.base), SHIFTS.index(self.shift), channel_dim]))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Before the first call, a saved state fixes the width (from its weight) and the layout (from its kind)."""
+        if self.has_uninitialized_params():
+            saved, name = state_dict.get(prefix + "kind"), prefix.rstrip(".") or "LazyRAA"
+            layout = self.channel_dim
+            if isinstance(saved, torch.Tensor) and saved.dim() == 1 and saved.numel() == 3:
+                layout = int(saved[2]) if layout is None else layout
+                _check_kind(saved, torch.tensor([BASES.index(self.base), SHIFTS.index(self.shift), layout]), name)
+            weight = state_dict.get(prefix + "weight")
+            width = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() > 0 else 0
+            self._materialize(width, -1 if layout is None else layout)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 def _describe(kind: torch.Tensor) -> str:
@@ -105,15 +182,17 @@ def _check_kind(saved, own: torch.Tensor, name: str) -> None:
 
 def raa_formula(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str,
                 shift: str) -> torch.Tensor:
-    """RAA as plain differentiable operations (erf form), for graphs that are traced, scripted or exported."""
+    """RAA as plain operations (erf form), for graphs that are traced, scripted or exported; non-finite input
+    as docs/method.md §1 defines it (a non-finite shift gives NaN, x·Φ(z) is 0 where Φ(z) is)."""
     if shift == "elementwise":
         assert w is not None
         return _elementwise_shift(x, w, b, dim, base)
     s = b.to(x.dtype) if w is None else torch.sum(x * w.reshape([-1] + [1] * (-dim - 1)), dim, keepdim=True) + b
-    z = x + s  # in the parameters' precision where x is lower, as the Function does; y is in x's
+    z = x + (s + (s - s))  # in the parameters' precision where x is lower, as the Function does; y is in x's
     if base == "relu":
         return torch.relu(z).to(x.dtype)
-    return (x * (0.5 + 0.5 * torch.erf(z * math.sqrt(0.5)))).to(x.dtype)  # math.sqrt: TorchScript reads no globals
+    cdf = 0.5 + 0.5 * torch.erf(z * math.sqrt(0.5))  # math.sqrt: TorchScript reads no globals
+    return torch.where(cdf == 0, torch.zeros_like(cdf), x * cdf).to(x.dtype)
 
 
 def _elementwise_shift(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dim: int, base: str) -> torch.Tensor:

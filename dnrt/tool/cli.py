@@ -19,6 +19,7 @@ OTHER_COMMANDS = {
     "reproduce": ("reproduce", "run or summarise the paper's tables as a grid of runs"),
     "configs": ("configs", "list the built-in configs (dnrt train -c NAME runs one from any folder)"),
     "export": ("export", "write a trained model as ONNX, torch.export (.pt2) or TorchScript for inference"),
+    "build-kernels": ("build_kernels", "build dnrt's C++ CPU kernels now (else their first use does, ~30 s)"),
 }
 RUN_COMMANDS = {"train": "train a model from a config",
                 "eval": "evaluate a checkpoint (top-1/5, loss, P/R/F1, per class)"}

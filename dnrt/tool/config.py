@@ -121,7 +121,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def add_key_options(parser: argparse.ArgumentParser) -> None:
-    """Every key as --key (and the authors' short forms), grouped as in the README."""
+    """Every key as --key (and the authors' short forms), grouped as in the docs."""
     groups = {group: parser.add_argument_group(f"{title} keys") for group, title in GROUPS.items()}
     for key in KEYS.values():
         names = [f"--{key.name}"] + ([key.short] if key.short else [])

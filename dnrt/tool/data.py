@@ -1,6 +1,6 @@
 """Datasets by name: torchvision's, image folders, scikit-learn's digits, synthetic data, and long-tailed splits.
 
-Image folders (docs/folder-datasets.md) take their classes by name from train/ (val/ uses the same indices) and
+Image folders (docs/models-data.md) take their classes by name from train/ (val/ uses the same indices) and
 every file of an extension Pillow reads; other files are named at start, an undecodable image stops the run.
 """
 from __future__ import annotations

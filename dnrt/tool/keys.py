@@ -1,7 +1,7 @@
-"""The one table of config keys: each key's default, accepted values, one-line meaning and README group.
+"""The one table of config keys: each key's default, accepted values, one-line meaning and group.
 
-Config checking (`dnrt.tool.config`), `--help` (`dnrt.tool.cli`) and the README's key table
-(`python -m dnrt.tool.keys`, checked by tests/test_keys.py) all read this table.
+Config checking (`dnrt.tool.config`), `--help` (`dnrt.tool.cli`) and the docs' key tables (docs/hooks.py puts
+`markdown()` into docs/tool.md when the site is built; `python -m dnrt.tool.keys` prints it) all read this table.
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def _keys(*rows: tuple) -> dict[str, Key]:
 
 KEYS: dict[str, Key] = _keys(
     # data
-    ("dataset", "cifar100", name(), "dataset name (the README's Datasets)", "data", "-d"),
+    ("dataset", "cifar100", name(), "dataset name (docs/models-data.md lists them)", "data", "-d"),
     ("data_root", "./data", name(), "folder the dataset lives in (and downloads to)", "data"),
     ("image_size", None, optional(integer(1), "None (the dataset's own size)"),
      "input side in pixels; digits and fake are resized to it", "data"),
@@ -225,7 +225,7 @@ KEYS: dict[str, Key] = _keys(
     ("drop_last", None, optional(boolean(), "None (drop a last partial batch unless it is the only one)"),
      "drop the last incomplete training batch of each epoch", "data"),
     # model
-    ("model", "vit_tiny_patch4_32", name(), "model name (the README's Models)", "model", "-m"),
+    ("model", "vit_tiny_patch4_32", name(), "model name (docs/models-data.md lists them)", "model", "-m"),
     ("model_lib", None, choice(None, "timm", "torchvision", aliases={"default": None}),
      "None: the tool's models; 'timm'/'torchvision': any model of that library; 'default' is the authors' "
      "name for None", "model"),
@@ -316,7 +316,7 @@ def _default_text(key: Key) -> str:
 
 
 def markdown() -> str:
-    """The README's key tables, one per group."""
+    """The docs' key tables, one per group."""
     parts = []
     for group, title in GROUPS.items():
         rows = [f"| `{k.name}`{f' (`{k.short}`)' if k.short else ''} | {_default_text(k)} | {k.check.expected} "

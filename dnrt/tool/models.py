@@ -252,7 +252,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, img_size: int =
 
         example = torch.zeros(2, in_chans, img_size, img_size)
         model.eval()  # the dry forward of convert must not touch BatchNorm statistics
-        convert(model, example, activation=act, replace="all")
+        try:
+            convert(model, example, activation=act, replace="all")
+        except DNRTError as e:  # nothing replaceable: the run would say act=... of a model that does not hold it
+            raise DNRTError(f"model {name}: act={act!r} cannot be applied: {e}") from None
         if shift is not None:
             set_shift(model, shift)
         model.train()

@@ -190,7 +190,7 @@ def changed_keys(saved: dict[str, Any], cfg: dict[str, Any], ignore: tuple[str, 
     from dnrt.tool.config import DEFAULTS, jsonable
 
     new = jsonable(cfg)
-    skip = {*COMMAND_KEYS, *ignore, "resumes"}
+    skip = {*COMMAND_KEYS, *ignore, "resumes", "converted_activations"}
     keys = [k for k in {**saved, **new} if k not in skip]
     old_value = {k: saved.get(k, DEFAULTS.get(k)) for k in keys}
     new_value = {k: new.get(k, DEFAULTS.get(k)) for k in keys}

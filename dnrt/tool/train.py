@@ -443,6 +443,8 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
 
     print_main(f"model: {cfg['model']} {args} act={cfg['act']} criterion={cfg['criterion']}")
     model, arr = build_model(cfg, args, device, fresh=plan.checkpoint is None)
+    conversion = model.__dict__.get("_dnrt_conversion")
+    cfg_record = {**cfg, "converted_activations": conversion.to_dict() if conversion else None}
     n_parameters = sum(p.numel() for p in model.parameters())
     if D.is_distributed() and cfg["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -474,7 +476,7 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
         drop_lr_now(scheduler, optimizer, lr_scale)
     scheduler.step_update(start_epoch * len(loader))  # the schedule of this run's length at its start or resume point
     if main:
-        start_files(out, cfg, resumes, start_epoch, plan.checkpoint)
+        start_files(out, cfg_record, resumes, start_epoch, plan.checkpoint)
     D.barrier()
     writer = SummaryWriter(str(out / "tensorboard")) if main else None
     log: dict[str, Any] = {}

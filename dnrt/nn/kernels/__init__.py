@@ -5,7 +5,9 @@ RAA (``raa``): the hand-written kernels run wherever they apply, the C++ ones of
 ``raa_triton`` on CUDA: through the PyTorch ops of ``raa_ops`` (``torch.ops.dnrt.raa_forward`` and
 ``raa_backward``) where ``torch.compile`` or ``torch.export`` traces them, through one memory-efficient
 autograd Function eagerly; CUDA graphs capture either. Elsewhere, and under ``set_fused(False)``, the plain
-math of ``raa_math`` runs through that Function, which an outer ``torch.compile`` fuses.
+math of ``raa_math`` runs through that Function, which an outer ``torch.compile`` fuses; so it does under
+``torch.func`` transforms (the Function has ``setup_context`` and a generated vmap rule; the kernels have no
+batching rule).
 """
 from __future__ import annotations
 
@@ -76,12 +78,14 @@ def raa(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, b
     ``base`` "gelu" or "relu"; by the fastest implementation that applies. A compiler or ``torch.export``
     gets the ops of ``raa_ops``; eager calls run the same kernels through ``_RAAFunction``, which spares
     the ops' Python dispatch (about 0.1 ms per forward and backward)."""
+    if torch._C._are_functorch_transforms_active():  # torch.func: the kernels have no batching rule
+        return _RAAFunction.apply(x, w, b, dim, base, "plain")[0]
     kernel = None if _mode is False else _kernel(x, w, base)
     if torch.compiler.is_compiling():
         if kernel is not None and raa_ops is not None:
             return torch.ops.dnrt.raa_forward.default(x, w, b, dim, base)[0]
-        return _RAAFunction.apply(x, w, b, dim, base, "plain")
-    return _RAAFunction.apply(x, w, b, dim, base, kernel or ("compiled" if _mode is True else "plain"))
+        return _RAAFunction.apply(x, w, b, dim, base, "plain")[0]
+    return _RAAFunction.apply(x, w, b, dim, base, kernel or ("compiled" if _mode is True else "plain"))[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,19 +107,48 @@ def _implementation(name: str):
 
 
 class _RAAFunction(torch.autograd.Function):
-    """RAA by the implementation named in its last argument; saves ``x`` and ``s`` only, as the ops do."""
+    """RAA by the implementation named in its last argument; returns ``(y, s)`` and saves ``x`` and ``s`` only, as
+    the ops do. ``setup_context`` and a generated vmap rule let ``torch.func`` (vmap, grad, jacrev) run it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str, name: str):
-        y, s = _implementation(name).forward(x, w, b, dim, base)
-        ctx.save_for_backward(x, s, w)
+    def forward(x: torch.Tensor, w: Optional[torch.Tensor], b: torch.Tensor, dim: int, base: str, name: str):
+        return _implementation(name).forward(x, w, b, dim, base)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, b, dim, base, name = inputs
+        ctx.save_for_backward(x, output[1], w)
+        ctx.mark_non_differentiable(output[1])
         ctx.dim, ctx.base, ctx.name, ctx.b_like = dim, base, name, (b.dtype, b.shape)
-        return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        raa_math.check_first_order()
+    def backward(ctx, grad: torch.Tensor, _grad_s: Optional[torch.Tensor]):
         x, s, w = ctx.saved_tensors
-        grad_x, grad_w, grad_b = _implementation(ctx.name).backward(grad, x, s, w, ctx.dim, ctx.base)
+        args = (grad, x, s, w, ctx.dim, ctx.base, ctx.name)
+        # With grad mode on (create_graph=True, or torch.func.grad, which always runs backward so), the gradients
+        # come from a Function that refuses to be differentiated, so only a real second derivative fails.
+        grad_x, grad_w, grad_b = _Backward.apply(*args) if torch.is_grad_enabled() else _Backward.forward(*args)
         grad_w = None if w is None else grad_w.to(w.dtype)
         return grad_x, grad_w, grad_b.to(ctx.b_like[0]).reshape(ctx.b_like[1]), None, None, None
+
+
+class _Backward(torch.autograd.Function):
+    """RAA's backward (docs/method.md §2) as a function of its own, whose derivative is refused: ``s`` is saved
+    without its link to ``x`` and ``w``, so a second derivative through it would be silently wrong."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, x, s, w, dim: int, base: str, name: str):
+        grad_x, grad_w, grad_b = _implementation(name).backward(grad, x, s, w, dim, base)
+        return grad_x, grad_b.new_empty(0) if grad_w is None else grad_w, grad_b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(raa_math.NO_SECOND_ORDER)

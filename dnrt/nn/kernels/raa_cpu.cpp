@@ -8,7 +8,8 @@
 // Threads share out rows or tiles of positions; rows and tiles of 16-bit input are converted to float32
 // buffers on the way in and out. Each thread keeps its own share of ∂L/∂w (and of ∂L/∂b for the scalar
 // shift). GELU's Φ is the Abramowitz–Stegun erf of ATen's vectorised GELU, built on exp(-z²/2), which
-// backward's φ shares.
+// backward's φ shares. Non-finite input as docs/method.md §1 defines it: a shift that is not finite makes its
+// vector NaN; otherwise x·Φ(z) and x·φ(z) are 0 where Φ(z) or φ(z) is 0 (their limits at x = ±∞).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -69,11 +71,17 @@ DNRT_INLINE Vec positive(const Vec& a) { return a.gt(Vec(0.f)); }
 DNRT_INLINE float positive(float a) { return a > 0.f ? 1.f : 0.f; }
 DNRT_INLINE Vec relu(const Vec& a) { return at::vec::maximum(a, Vec(0.f)); }
 DNRT_INLINE float relu(float a) { return std::isnan(a) ? a : std::max(a, 0.f); }
+// a · f, but 0 where the factor f is 0, whatever a is (also ±∞): the limit of x·Φ(z) and x·φ(z) as x → ±∞.
+DNRT_INLINE Vec times(const Vec& a, const Vec& f) { return (a * f) & (f != Vec(0.f)); }
+DNRT_INLINE float times(float a, float f) { return f != 0.f ? a * f : 0.f; }
+// The shift itself where finite, else NaN (∞ − ∞): a vector with a non-finite shift has no limit to give.
+DNRT_INLINE Vec finite_or_nan(const Vec& s) { return s + (s - s); }
+DNRT_INLINE float finite_or_nan(float s) { return s + (s - s); }
 
 // y = x·Φ(z) or max(0, z), for z = x + s; V is Vec or float.
 template <bool Gelu, typename V>
 DNRT_INLINE V activation(const V& x, const V& z) {
-  if constexpr (Gelu) return x * cdf(z, gauss(z));
+  if constexpr (Gelu) return times(x, cdf(z, gauss(z)));
   else return relu(z);
 }
 
@@ -82,7 +90,7 @@ template <bool Gelu, typename V>
 DNRT_INLINE V gradient(const V& g, const V& x, const V& z, V& term) {
   if constexpr (Gelu) {
     const V e = keep_nan(gauss(z), z);
-    term = g * x * e * V(kInvSqrt2Pi);
+    term = g * times(x, e) * V(kInvSqrt2Pi);
     return v_fma(g, cdf(z, e), term);
   } else {
     term = g * positive(z);
@@ -140,7 +148,7 @@ void rows_forward(const T* x, const float* w, float b, T* y, float* s, int64_t n
   at::parallel_for(0, n, std::max<int64_t>(1, kGrainElements / d), [&](int64_t begin, int64_t end) {
     std::vector<float> xbuf(buffer_size<T>(2 * d)), ybuf(buffer_size<T>(d));
     const float* xr = as_float(x + begin * d, d, xbuf.data());
-    float si = row_dot(xr, w, d) + b;
+    float si = finite_or_nan(row_dot(xr, w, d) + b);
     for (int64_t i = begin; i < end; ++i) {
       const float* next = i + 1 < end ? as_float(x + (i + 1) * d, d, xbuf.data() + ((i + 1 - begin) % 2) * d) : xr;
       float* yr = out_line(y + i * d, ybuf.data());
@@ -158,6 +166,7 @@ void rows_forward(const T* x, const float* w, float b, T* y, float* s, int64_t n
         next_s += next[j] * w[j];
         yr[j] = activation<Gelu>(xr[j], xr[j] + si);
       }
+      next_s = finite_or_nan(next_s);
       store_line(yr, y + i * d, d);
       xr = next;
       si = next_s;
@@ -264,7 +273,7 @@ void planes_forward(const T* x, const float* w, float b, T* y, float* s, const T
           odd = at::vec::fmadd(Vec(w[c + 1]), Vec::loadu(xt + (c + 1) * stride + p), odd);
         }
         if (w && c < C) even = at::vec::fmadd(Vec(w[c]), Vec::loadu(xt + c * stride + p), even);
-        const Vec sv = even + odd;
+        const Vec sv = finite_or_nan(even + odd);
         if (w) sv.store(st + p);
         for (c = 0; c < C; ++c) {
           const Vec xv = Vec::loadu(xt + c * stride + p);
@@ -274,6 +283,7 @@ void planes_forward(const T* x, const float* w, float b, T* y, float* s, const T
       for (; p < n; ++p) {
         float sp = b;
         for (int64_t c = 0; w && c < C; ++c) sp += w[c] * xt[c * stride + p];
+        sp = finite_or_nan(sp);
         if (w) st[p] = sp;
         for (int64_t c = 0; c < C; ++c) {
           const float xc = xt[c * stride + p];
@@ -404,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const c10::optio
   check(x, "x");
   const Shape shape = shape_of(x, dim, !w);
   const float* wp = weights(w, shape);
-  const float bias = b.item().toFloat();
+  const float bias = b.item().toFloat();  // a scalar shift's: made NaN where not finite by the loops
   at::Tensor y = at::empty_like(x), s = at::empty(shift_sizes(x, dim, !w), x.options().dtype(at::kFloat));
   dispatch(x.scalar_type(), gelu, [&](auto tag, auto base) {
     using T = decltype(tag);
@@ -412,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const c10::optio
     const T* xp = x.const_data_ptr<T>();
     T* yp = y.mutable_data_ptr<T>();
     float* sp = s.mutable_data_ptr<float>();
-    if (!wp) sp[0] = bias;
+    if (!wp) sp[0] = finite_or_nan(bias);
     if (shape.inner == 1 && wp) rows_forward<T, G>(xp, wp, bias, yp, sp, shape.outer, shape.channels);
     else planes_forward<T, G>(xp, wp, bias, yp, sp, Tiles(shape.outer, shape.channels, shape.inner));
   });
@@ -453,12 +463,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& g, con
   return {gx, gw_parts.sum(0), u.sum()};
 }
 
+// The vector ISA this library was built for (ATen's names: DEFAULT, AVX2, AVX512), so tests know what ran.
+#define DNRT_STRING(x) #x
+#define DNRT_NAME(x) DNRT_STRING(x)
+std::string capability() { return DNRT_NAME(CPU_CAPABILITY); }
+
 }  // namespace
 
 // A fragment, so that other kernel files may define ops in the same namespace.
 TORCH_LIBRARY_FRAGMENT(dnrt_cpu, m) {
   m.def("raa_forward(Tensor x, Tensor? w, Tensor b, int dim, bool gelu) -> (Tensor, Tensor)");
   m.def("raa_backward(Tensor grad, Tensor x, Tensor s, Tensor? w, int dim, bool gelu) -> (Tensor, Tensor, Tensor)");
+  m.def("raa_capability() -> str", capability);
 }
 
 TORCH_LIBRARY_IMPL(dnrt_cpu, CPU, m) {

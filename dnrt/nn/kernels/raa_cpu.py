@@ -2,7 +2,7 @@
 
 They cover GELU and ReLU bases, the vector and the scalar shift, features last or channels first, float32,
 bfloat16 and float16 input (float32 arithmetic), and are built on first use with ``torch.utils.cpp_extension``
-for the vector ISA ATen runs (AVX2 or AVX-512), about 20 s, then cached. Written by hand because inductor's
+for the ISA level ATen runs (x86-64: DEFAULT, AVX2 or AVX-512), 10–25 s, then cached. Written by hand because inductor's
 code for the same math spends one more pass on ∂L/∂w and a second ``exp`` on Φ, which keeps it above 1.5×
 GELU's time.
 """

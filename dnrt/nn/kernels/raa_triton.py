@@ -5,6 +5,7 @@ vectors as rows ``m = (outer, inner)``. Each program owns a tile of rows with al
 shift ``s = wᵀx + b`` and ``u = Σ_c g_c ∂y_c/∂s`` are in-register row sums; backward programs loop over
 row tiles and keep their share of ``∂L/∂w`` in registers, leaving a few partial sums for one small
 ``torch.sum``. Written by hand because the compiled equivalent spends several passes where one suffices.
+Non-finite input as docs/method.md §1 defines it: a non-finite shift makes its vector NaN.
 """
 from __future__ import annotations
 
@@ -36,11 +37,13 @@ def _forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, C, inner,
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
     s = tl.sum(x * w[None, :], axis=1) + tl.load(b_ptr).to(tl.float32)
+    s = s + (s - s)  # NaN where not finite (docs/method.md §1)
     z = x + s[:, None]
     if GELU:
-        y = x * (0.5 + 0.5 * tl.math.erf(z * 0.7071067811865476))
+        cdf = 0.5 + 0.5 * tl.math.erf(z * 0.7071067811865476)
+        y = tl.where(cdf == 0.0, 0.0, x * cdf)  # 0 where Φ(z) is 0, whatever x: the limit at x = -inf
     else:
-        y = tl.maximum(z, 0.0)
+        y = tl.where(z < 0.0, 0.0, z)  # keeps NaN, which tl.maximum drops
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, s, mask=rows < M)
 
@@ -62,7 +65,8 @@ def _backward_kernel(g_ptr, x_ptr, s_ptr, w_ptr, dx_ptr, dw_ptr, db_ptr, M, C, i
         s = tl.load(s_ptr + rows, mask=rows < M, other=0.0)
         z = x + s[:, None]
         if GELU:
-            pdf = g * x * tl.exp(-0.5 * z * z) * 0.3989422804014327
+            e = tl.exp(-0.5 * z * z)
+            pdf = g * tl.where(e == 0.0, 0.0, x * e) * 0.3989422804014327
             dx = g * (0.5 + 0.5 * tl.math.erf(z * 0.7071067811865476)) + pdf
         else:
             pdf = tl.where(z > 0, g, 0.0)
