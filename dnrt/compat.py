@@ -12,6 +12,9 @@ the model's constructor; it records them by name ("dnrt.compat.RAA") and swaps t
 - ``RAA2``, ``RAA2_CNN``, ``SimpleRAA2``, ``ElementWiseRAA2``: the same four on a ReLU base, ``max(0, x + s)``.
 
 Unlike the authors' ``SimpleRAA()``, the scalar forms take ``num_features``: ``dnrt.RAA`` checks its input's width.
+
+A config in the authors' form (its activation chosen by ``model_kwargs = dict(act_layer=...)``) also gets their ARR
+layer weighting, ``ARR_LAYER_WEIGHTING``, unless it sets ``arr_layer_weighting`` itself.
 """
 from __future__ import annotations
 
@@ -49,6 +52,9 @@ RAA2 = _raa_class("RAA2", "relu", "vector", -1, "``max(0, x + wᵀx + b)`` over 
 RAA2_CNN = _raa_class("RAA2_CNN", "relu", "vector", 1, "``max(0, x + wᵀx + b)`` over the channels of NCHW maps.")
 SimpleRAA2 = _raa_class("SimpleRAA2", "relu", "scalar", -1, "``max(0, x + b)`` with one learned scalar ``b``.")
 ElementWiseRAA2 = _raa_class("ElementWiseRAA2", "relu", "elementwise", -1, "``max(0, x + Wx + b)``, ``W`` d×d.")
+
+# how the authors' code averages ARR's per-layer losses (dnrt.ARR's layer_weighting, docs/method.md §3)
+ARR_LAYER_WEIGHTING = "reference"
 
 # the activation each act_layer stands for: (a dnrt.make_activation name, RAA's shift form or None)
 ACT_LAYERS: dict[str, tuple[str, str | None]] = {

@@ -1,6 +1,10 @@
 """ARR on a timm ViT and a torchvision ResNet: taps, reductions, loss against an independent formula."""
+import copy
+import io
+
 import pytest
 import timm
+import timm.utils
 import torch
 import torchvision
 from torch.nn import functional as F
@@ -284,3 +288,121 @@ def test_fullgraph_compile_of_model_and_loss_compiles_once_and_matches_eager():
         torch.testing.assert_close(arr.memory.mean, eager_arr.memory.mean, rtol=1e-5, atol=1e-6)
     assert len(compilations) == 1
     assert torch.equal(arr.memory.count, eager_arr.memory.count)
+
+
+def _save_and_load(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+COPIES = {
+    "deepcopy": copy.deepcopy,
+    "torch.save": _save_and_load,
+    "ModelEmaV3": lambda model: timm.utils.ModelEmaV3(model, decay=0.5),
+    "AveragedModel": torch.optim.swa_utils.AveragedModel,
+}
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+def test_a_copy_of_the_model_never_feeds_its_arr_and_the_model_still_trains(how):
+    (model, arr), (twin, twin_arr) = twin_arrs(momentum=0.3)
+    (x1, y1), (x2, _) = batches(2)
+    model(x1), twin(x1)
+    twin_arr.loss(y1)
+    model(x1)  # a training forward of the model waits for its loss while the copy runs
+    waiting = dict(arr.responses)
+    copied = COPIES[how](model)
+    copied.train()
+    out = copied(x2)  # a training forward of the copy, with gradients
+    assert out.requires_grad and all(arr.responses[name] is r for name, r in waiting.items())
+    arr.loss(y1)
+    twin(x1)
+    loss = arr.loss(y1)
+    torch.testing.assert_close(loss, twin_arr.loss(y1), rtol=0, atol=0)  # the queue held the model's forwards only
+    with pytest.raises(dnrt.DNRTError, match="needs a training forward pass first"):
+        arr.loss(y1)  # nothing of the copy's forward is waiting
+    loss.backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in copied.parameters())
+    copied.eval()
+    model.eval()
+    torch.testing.assert_close(copied(x2), model(x2))  # the copy computes what the model does
+
+
+def test_a_pickled_model_round_trips_and_takes_a_new_arr():
+    (model, _), _ = twin_arrs()
+    loaded = _save_and_load(model)
+    x, y = batches(1)[0]
+    model.eval(), loaded.eval()
+    assert torch.equal(loaded(x), model(x))
+    loaded.train()
+    loaded_arr = dnrt.ARR(loaded, num_classes=5)
+    loaded(x)
+    loaded_arr.loss(y).backward()
+    assert loaded.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+class WithARR(torch.nn.Module):
+    """A module holding a model and its ARR, as a training wrapper (Lightning module, task model) does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = tiny_vit()
+        self.arr = dnrt.ARR(self.net, num_classes=5, momentum=0.3)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_an_arr_copied_with_its_model_taps_the_copy(how):
+    whole = WithARR()
+    (x1, y1), (x2, y2) = batches(2)
+    whole.net(x1)
+    whole.arr.loss(y1)
+    whole.net(x2)  # waiting; a copy takes the memory, not the waiting responses
+    copied = COPIES[how](whole)
+    assert copied.arr is not whole.arr and torch.equal(copied.arr.memory.mean, whole.arr.memory.mean)
+    with pytest.raises(dnrt.DNRTError, match="needs a training forward pass first"):
+        copied.arr.loss(y2)
+    copied.net(x2)
+    torch.testing.assert_close(copied.arr.loss(y2), whole.arr.loss(y2), rtol=0, atol=0)
+    with pytest.raises(dnrt.DNRTError, match="needs a training forward pass first"):
+        whole.arr.loss(y2)  # the copy's forward went to the copy's ARR alone
+
+
+class Slices(torch.nn.Module):
+    """Three tapped modules giving the responses x[:, :2], x[:, 2:4] and x[:, 4:8] (widths 2, 2, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Identity() for _ in range(3))
+
+    def forward(self, x):
+        return self.a(x[:, :2]), self.b(x[:, 2:4]), self.c(x[:, 4:])
+
+
+@pytest.mark.parametrize("weighting, want", [("paper", (9 + 0 + 0) / 3), ("reference", ((9 + 0) / 2 + 0) / 2)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_layer_weighting_on_mixed_widths_against_a_hand_computation(weighting, want, compiled):
+    from torch._dynamo.backends.debugging import aot_eager
+
+    model = Slices()
+    arr = dnrt.ARR(model, 2, layers=["a", "b", "c"], order="paper", weight=1.0, layer_weighting=weighting)
+    y = torch.tensor([0, 1])
+    model(torch.zeros(2, 8))
+    assert arr.loss(y).item() == 0  # the means are now 0 for both classes
+
+    def step(x):
+        model(x)
+        return arr.loss(y)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend=aot_eager)
+    x = torch.zeros(2, 8)
+    x[:, :2] = torch.tensor([[9.0, -9.0], [-9.0, 9.0]])  # layer a: |r - 0| = 9 everywhere; b and c: 0
+    assert step(x).item() == want
+
+
+def test_layer_weighting_is_checked():
+    with pytest.raises(dnrt.DNRTError, match="unknown ARR layer_weighting 'authors'; known: paper, reference"):
+        dnrt.ARR(Slices(), 2, layers=["a"], layer_weighting="authors")

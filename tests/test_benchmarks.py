@@ -67,6 +67,25 @@ def test_authors_memory_matches_response_memory(bench):
         torch.testing.assert_close(theirs.update(r, y), ours(r, y))
 
 
+def test_authors_arr_is_reference_layer_weighting_on_mixed_widths(bench):
+    """timm's ResNet-18 taps act1 and layer1 (width 64) and layers 2-4 (128, 256, 512): the authors' ARR averages
+    over widths, which dnrt.ARR does with layer_weighting='reference' and not by default."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=5)
+    ours = {w: dnrt.ARR(model, 5, layer_weighting=w, weight=10.0) for w in ("paper", "reference")}
+    theirs = bench.AuthorsARR(model, 5, weight=10.0)
+    assert ours["paper"].memory.mean.shape[1] == 64 + 64 + 128 + 256 + 512
+    for _ in range(3):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))
+        model(x)
+        got = {w: arr.loss(y) for w, arr in ours.items()}
+        want = theirs.loss(y)
+        torch.testing.assert_close(got["reference"], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got["paper"], want, rtol=1e-3)
+
+
 def test_ops_dry_run_prints_every_row(bench, capsys, monkeypatch):
     import ops
     monkeypatch.setattr(sys, "argv", ["ops.py", "--device", "cpu", "--dry-run"])

@@ -176,3 +176,16 @@ def test_fresh_compat_raa_is_its_base():
     x = torch.randn(3, 8)
     assert torch.allclose(compat.RAA(8)(x), nn.functional.gelu(x), atol=1e-6)
     assert torch.equal(compat.RAA2(8)(x), x.relu())
+
+
+def test_authors_configs_get_the_authors_arr_layer_weighting(authors_configs):
+    from dnrt.tool.config import resolve
+    from dnrt.tool.rundir import changed_keys
+
+    cfg, model, arr = built(authors_configs / "dnrt.py")
+    assert cfg["arr_layer_weighting"] == compat.ARR_LAYER_WEIGHTING == "reference" == arr.layer_weighting
+    assert load_config("configs/dnrt.py", ["--arr_layer_weighting", "paper"])["arr_layer_weighting"] == "paper"
+    assert resolve(cfg)["arr_layer_weighting"] == "reference"  # the saved config rebuilds the same ARR
+    assert load_config("dnrt")["arr_layer_weighting"] == "paper"  # the tool's own configs: the paper's formula
+    older = {k: v for k, v in cfg.items() if k != "arr_layer_weighting"}  # a run of dnrt before the key, which
+    assert changed_keys(older, resolve(older)) == {"arr_layer_weighting": ("paper", "reference")}  # used 'paper'

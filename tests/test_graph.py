@@ -146,3 +146,11 @@ def test_graph_runs_refuse_pretrained_weights(tmp_path, capsys):
     assert main(["train", "-c", config, "--pretrained", "True", "--output_dir", str(tmp_path)]) == 1
     assert "graph runs (digits_knn) train from scratch: pretrained / pretrained_file do not apply" in \
         capsys.readouterr().err
+
+
+def test_dgraphfin_object_array_is_one_line_naming_file_and_key(tmp_path):
+    _write_dgraph(tmp_path, y=np.array([{"label": 1}] * 40, dtype=object))
+    with pytest.raises(DNRTError) as error:
+        G.load_dgraphfin(str(tmp_path))
+    assert str(error.value) == (f"array 'y' of {tmp_path / 'dgraphfin.npz'} holds Python objects, which load only by "
+                                f"unpickling (not done for data files); save it as a numeric array")

@@ -1,5 +1,6 @@
 """Datasets, long-tailed splits, models and checkpoints of the training tool."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,61 @@ def test_paper_recipe_posterizes_to_zero_bits_without_error():
     assert op(image).getcolors() == [(64, (0, 0, 0))]
     op.magnitude = 5  # keep 2 bits: 200 -> 192, 100 -> 64, 50 -> 0
     assert op(image).getcolors() == [(64, (192, 64, 0))]
+
+
+COLOURS = {"a_red": "red", "b_green": "lime", "c_blue": "blue"}
+
+
+def colour_folders(root, val_classes=tuple(COLOURS), extra=()):
+    """train/ with every class of COLOURS, val/ with `val_classes` (and `extra` class folders of white images)."""
+    from PIL import Image
+
+    for split, names in (("train", COLOURS), ("val", [*val_classes, *extra])):
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), COLOURS.get(name, "white")).save(root / split / name / f"{i}.png")
+    return resolve({"dataset": "folder", "data_root": str(root), "image_size": 8, "no_aug": True, "num_workers": 0})
+
+
+def test_val_without_a_train_class_keeps_the_train_indices(tmp_path, capsys):
+    """A perfect model (the brightest channel: red, green, blue = class 0, 1, 2) scores 100 %, not 50 %."""
+    from contextlib import nullcontext
+
+    from dnrt.tool.train import evaluate, test_loader
+
+    cfg = colour_folders(tmp_path, val_classes=("a_red", "c_blue"))
+    val = build_dataset(cfg, train=False)
+    assert capsys.readouterr().out == (f"dataset folder: {tmp_path / 'val'} has no images of 1 of the 3 classes of "
+                                       f"train/ (b_green); the others keep their train/ indices\n")
+    assert val.classes == ["a_red", "b_green", "c_blue"] and sorted(set(val.targets)) == [0, 2]
+    perfect = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    metrics = evaluate(perfect, None, test_loader(cfg, val), torch.device("cpu"), nullcontext, 3)
+    assert metrics["acc1"] == 100.0
+
+
+def test_val_with_a_class_train_lacks_is_one_error_line(tmp_path):
+    cfg = colour_folders(tmp_path, extra=("d_white",))
+    build_dataset(cfg, train=True)
+    with pytest.raises(DNRTError) as error:
+        build_dataset(cfg, train=False)
+    assert str(error.value) == (f"dataset folder: {tmp_path / 'val'} has 1 class folder(s) that {tmp_path / 'train'} "
+                                f"lacks (d_white); the classes and their indices come from train/")
+
+
+def test_every_image_pillow_reads_is_used_and_other_files_are_named(tmp_path, capsys):
+    from PIL import Image
+
+    cfg = colour_folders(tmp_path)
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "train" / "a_red" / "moving.gif")
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "train" / "a_red" / "scan.TIF")
+    (tmp_path / "train" / "a_red" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / "README").write_text("outside every class")
+    capsys.readouterr()
+    train = build_dataset(cfg, train=True)
+    assert len(train) == 8 and sorted(Path(p).name for p, k in train.samples if k == 0) == \
+        ["0.png", "1.png", "moving.gif", "scan.TIF"]
+    assert torch.equal(train[2][0], train[0][0])  # the GIF reads as the PNG of its colour
+    assert capsys.readouterr().out == (f"dataset folder: 2 file(s) in {tmp_path / 'train'} not used, outside a class "
+                                       f"folder or not of an image extension Pillow opens: a_red/notes.txt, README\n")
+    assert dataset_info(cfg)["num_classes"] == 3

@@ -210,6 +210,24 @@ def test_a_corrupt_image_stops_the_run_naming_it(config, tmp_path, capsys, worke
                         r"replace or remove the file", err), err
 
 
+@pytest.mark.parametrize("broken, workers", [("val/cat/1.gif", 0), ("train/dog/3.jpg", 1)])
+def test_a_truncated_image_stops_the_run_naming_it(config, tmp_path, capsys, broken, workers):
+    """Every format Pillow reads is used (a GIF too, which torchvision's ImageFolder would skip), so a damaged one
+    is named rather than silently left out."""
+    data = tmp_path / "images"
+    write_images(data)
+    Image.new("RGB", (64, 64), (9, 99, 199)).save(data / broken)
+    damaged = (data / broken).read_bytes()
+    (data / broken).write_bytes(damaged[:len(damaged) // 2])
+    argv = ["-c", str(config), "--dataset", "folder", "--data_root", str(data), "--image_size", "8", "--no_aug",
+            "True", "--model", "mlp", "--model_kwargs", "{}", "--act", "gelu", "--criterion", "ce", "--num_workers",
+            str(workers), "--batch_size", "4", "--output_dir", str(tmp_path / "run")]
+    assert main_py(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"error: cannot read image {re.escape(str(data / broken))} \(\w+Error: .+\); "
+                        r"replace or remove the file", err), err
+
+
 def test_data_root_that_is_a_file(config, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main_py(["-c", str(config), "--dataset", "folder", "--data_root", str(tmp_path / "file"),

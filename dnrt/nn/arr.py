@@ -19,6 +19,7 @@ from .memory import ResponseMemory
 
 logger = logging.getLogger("dnrt")
 REDUCTIONS = ("auto", "cls", "mean", "pool")
+LAYER_WEIGHTINGS = ("paper", "reference")
 # Hugging Face model types whose sequences start with a class token ([CLS]) that their heads read
 HF_CLASS_TOKEN_TYPES = frozenset({
     "vit", "deit", "beit", "dinov2", "data2vec-vision", "bert", "roberta", "xlm-roberta", "camembert", "electra",
@@ -38,6 +39,9 @@ class ARR(nn.Module):
     ``sync``: under ``torch.distributed``, gather every process's responses before updating the memory.
     The per-class means of all tapped layers live side by side in one ``ResponseMemory`` (widths
     concatenated in ``layers`` order): one update and, under DDP, one gather per step.
+    ``layer_weighting``: how the per-layer losses are averaged (docs/method.md §3): ``"paper"`` (default) over
+    the layers, ``(1/J) Σ_j L_j``; ``"reference"`` (the authors' code) over the layers of each width, then over
+    the widths. The two agree when all tapped layers have one width (a ViT).
 
     A forward is a training forward when ARR and the model are in training mode and gradients are
     enabled. Each training forward's responses wait in order until a ``loss`` in that state takes them,
@@ -52,6 +56,13 @@ class ARR(nn.Module):
     fixed at construction, so ``torch.compile`` traces a forward and its ``loss`` in one graph, once.
     ``arr.responses`` keeps the last reduced response of each layer, whatever the forward. The model
     is not a submodule: ``state_dict`` holds only the memory.
+
+    Copies: the taps belong to this ARR, not to the model. A copy of the model alone (``copy.deepcopy``,
+    ``torch.save``/``torch.load``, EMA and weight-averaging wrappers such as timm's ``ModelEmaV3`` and
+    ``torch.optim.swa_utils.AveragedModel``) carries inert taps: its forwards never reach this ARR, and the
+    copy needs no ARR for inference (attach a new ``ARR`` to it if it trains with one). A copy of the ARR
+    (alone or with its model, e.g. a module holding both) is the same ARR on the copy of its model: the memory
+    is copied, the waiting responses are not, and it taps the copied model afresh.
     """
 
     max_pending = 8
@@ -66,10 +77,13 @@ class ARR(nn.Module):
         order: str = "reference",
         weight: float = 1.0,
         sync: bool = True,
+        layer_weighting: str = "paper",
     ) -> None:
         super().__init__()
         if reduce not in REDUCTIONS:
             raise DNRTError(f"unknown ARR reduce {reduce!r}; known: {', '.join(REDUCTIONS)}")
+        if layer_weighting not in LAYER_WEIGHTINGS:
+            raise DNRTError(f"unknown ARR layer_weighting {layer_weighting!r}; known: {', '.join(LAYER_WEIGHTINGS)}")
         if not isinstance(num_classes, int) or num_classes < 1:
             raise DNRTError(f"ARR needs a positive integer num_classes, got {num_classes!r}")
         self._model = [model]
@@ -81,6 +95,7 @@ class ARR(nn.Module):
         if missing:
             raise DNRTError(f"ARR: no module named {missing[0]!r} in {type(model).__name__}")
         self.num_classes, self.reduce, self.weight = num_classes, reduce, weight
+        self.layer_weighting = layer_weighting
         self.chosen: Dict[str, str] = {}
         self._hf = _hf_config(model) is not None
         self._hf_cls = _hf_class_token(model)
@@ -88,33 +103,55 @@ class ARR(nn.Module):
         ResponseMemory(num_classes, 1, **self._memory_options)  # fail early on a bad momentum or order
         self.register_module("memory", None)
         self._register_load_state_dict_pre_hook(_make_memory_for_state, with_module=True)
-        widths = [_width_hint(model, name) for name in self.layers]
-        if None not in widths:  # made now, so that a compiled first step finds it; checked on every loss
+        self._width_hints = [_width_hint(model, name) for name in self.layers]
+        if None not in self._width_hints:  # made now, so that a compiled first step finds it; checked on every loss
             device = next((p.device for p in model.parameters()), None)
-            self.make_memory(sum(widths)).to(device)
+            self.make_memory(sum(self._width_hints)).to(device)
+        self._reset()
+        self._tap()
+
+    def _reset(self) -> None:
+        """No responses yet: empty queues, whose keys stay fixed from here on (see the class doc)."""
         self.responses: Dict[str, Optional[torch.Tensor]] = dict.fromkeys(self.layers)
         self._pending: Dict[str, List[torch.Tensor]] = {name: [] for name in self.layers}
         self._untrained: Dict[str, torch.Tensor] = {}
-        self._handles = [
-            modules[name].register_forward_hook(self._hook(name, _width_hint(model, name))) for name in self.layers
-        ]
 
-    def _hook(self, name: str, width_hint: Optional[int]):
-        def record(module: nn.Module, args, output) -> None:
-            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-                return  # run by autograd during backward: a recomputation of a forward already recorded
-            r = self.responses[name] = self._reduce(output, width_hint, name)
-            if not self._training():
-                self._untrained[name] = r
-                return
-            pending = self._pending[name]
-            if len(pending) >= self.max_pending:
-                raise DNRTError(
-                    f"ARR: {len(pending)} training forwards are waiting for arr.loss(); call arr.loss(targets) "
-                    "after each training forward, or run forwards that need no ARR loss under torch.no_grad()"
-                )
-            pending.append(r)
-        return record
+    def _tap(self) -> None:
+        """Register this ARR's forward hooks on the tapped modules of its model."""
+        modules = dict(self._model[0].named_modules())
+        self._handles = [modules[name].register_forward_hook(_Tap(self, name, hint))
+                         for name, hint in zip(self.layers, self._width_hints)]
+
+    def __getstate__(self) -> dict:
+        """The state a copy or a pickle takes: the memory and options, with no waiting responses and no hooks."""
+        state = super().__getstate__()
+        state.update(_handles=[], _tapped=bool(self._handles), responses=None, _pending=None, _untrained=None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """A copied or unpickled ARR taps the copy of its model (see the class doc)."""
+        state = dict(state)
+        tapped = state.pop("_tapped", False)
+        super().__setstate__(state)
+        self._reset()
+        if tapped:
+            self._tap()
+
+    def _record(self, name: str, width_hint: Optional[int], output) -> None:
+        """A tapped module's forward hook: reduce its output and queue it for the next loss (see the class doc)."""
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return  # run by autograd during backward: a recomputation of a forward already recorded
+        r = self.responses[name] = self._reduce(output, width_hint, name)
+        if not self._training():
+            self._untrained[name] = r
+            return
+        pending = self._pending[name]
+        if len(pending) >= self.max_pending:
+            raise DNRTError(
+                f"ARR: {len(pending)} training forwards are waiting for arr.loss(); call arr.loss(targets) "
+                "after each training forward, or run forwards that need no ARR loss under torch.no_grad()"
+            )
+        pending.append(r)
 
     def _training(self) -> bool:
         """Whether a forward or loss now is a training one (ARR and model in training mode, gradients on)."""
@@ -189,8 +226,9 @@ class ARR(nn.Module):
         distance = (r - self.memory.means(r, targets, update=training)).abs()
         if not distance.numel():
             return self.weight * distance.sum()  # an empty batch: zero, where a mean over nothing is NaN
-        per_layer = [part.mean() for part in distance.split([t.shape[1] for t in responses], dim=1)]
-        return self.weight * torch.stack(per_layer).mean()
+        widths = [t.shape[1] for t in responses]
+        per_layer = [part.mean() for part in distance.split(widths, dim=1)]
+        return self.weight * _layer_mean(per_layer, widths, self.layer_weighting)
 
     def _fit_memory(self, r: torch.Tensor) -> None:
         """Make the memory on the first loss where the widths were unknown, or fix a guess no loss has used yet;
@@ -217,7 +255,34 @@ class ARR(nn.Module):
     def extra_repr(self) -> str:
         chosen = sorted(set(self.chosen.values()))
         how = f" ({'/'.join(chosen)})" if self.reduce == "auto" and chosen else ""
-        return f"layers={len(self.layers)}, reduce={self.reduce!r}{how}, weight={self.weight}"
+        return (f"layers={len(self.layers)}, reduce={self.reduce!r}{how}, weight={self.weight}, "
+                f"layer_weighting={self.layer_weighting!r}")
+
+
+class _Tap:
+    """ARR's forward hook on one tapped module: a plain object (no closure), so a model holding it pickles.
+    A copy of it (a copy or pickle of the model) is inert: a copy of the model never feeds this ARR."""
+
+    def __init__(self, arr: Optional[ARR], name: str, width_hint: Optional[int]) -> None:
+        self.arr, self.name, self.width_hint = arr, name, width_hint
+
+    def __call__(self, module: nn.Module, args, output) -> None:
+        if self.arr is not None:
+            self.arr._record(self.name, self.width_hint, output)
+
+    def __reduce__(self):
+        return _Tap, (None, self.name, self.width_hint)
+
+
+def _layer_mean(losses: List[torch.Tensor], widths: List[int], weighting: str) -> torch.Tensor:
+    """The per-layer losses averaged over the layers (``"paper"``), or over the layers of each width and then over
+    the widths (``"reference"``, the authors' code, whose memory groups responses by width): docs/method.md §3."""
+    if weighting == "paper":
+        return torch.stack(losses).mean()
+    groups: Dict[int, List[torch.Tensor]] = {}
+    for loss, width in zip(losses, widths):
+        groups.setdefault(width, []).append(loss)
+    return torch.stack([torch.stack(group).mean() for group in groups.values()]).mean()
 
 
 def _make_memory_for_state(arr: "ARR", state_dict, prefix: str, *args) -> None:

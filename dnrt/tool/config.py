@@ -212,17 +212,20 @@ def _cross_checks(cfg: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _derived(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    """Defaults that depend on other keys."""
+def _derived(cfg: dict[str, Any], name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Defaults that depend on other keys (`given`: the keys the files and command line set)."""
     if cfg["output_dir"] is None:
         cfg["output_dir"] = str(Path(cfg["output_root"]) / name)
     if not cfg["no_pretrain"]:
         cfg["pretrained"] = True
     act_layer = cfg["model_kwargs"].get("act_layer")
-    if act_layer is not None and cfg["act"] is None:
-        from dnrt.compat import ACT_LAYERS
+    if act_layer is not None:  # a config in the authors' form
+        from dnrt.compat import ACT_LAYERS, ARR_LAYER_WEIGHTING
 
-        cfg["act"] = ACT_LAYERS[act_layer][0]
+        if cfg["act"] is None:
+            cfg["act"] = ACT_LAYERS[act_layer][0]
+        if "arr_layer_weighting" not in given:
+            cfg["arr_layer_weighting"] = ARR_LAYER_WEIGHTING
     return cfg
 
 
@@ -250,7 +253,7 @@ def resolve(values: Mapping[str, Any], name: str = "run", sources: Mapping[str, 
     problems = _cross_checks(cfg)
     if problems:
         raise DNRTError("\n".join(problems))
-    return jsonable(_derived(cfg, name))
+    return jsonable(_derived(cfg, name, values))
 
 
 def load_config(path: str, overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:

@@ -1,8 +1,14 @@
-"""Datasets by name: torchvision's, image folders, scikit-learn's digits, synthetic data, and long-tailed splits."""
+"""Datasets by name: torchvision's, image folders, scikit-learn's digits, synthetic data, and long-tailed splits.
+
+Image folders (docs/models-data.md) take their classes by name from train/ (val/ uses the same indices) and
+every file of an extension Pillow reads; other files are named at start, an undecodable image stops the run.
+"""
 from __future__ import annotations
 
+import functools
 import gzip
 import math
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageFile
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as T
@@ -180,17 +186,110 @@ def _archive_folder(cls: type, root: Path) -> Path:
     return root / cls.__name__ / "raw" if hasattr(cls, "resources") else root
 
 
+@functools.lru_cache(maxsize=None)
+def image_extensions() -> frozenset[str]:
+    """The file extensions of every format Pillow reads (lower case, with the dot): `.gif`, `.tif`, `.webp`, ...,
+    where torchvision's ImageFolder takes only its IMG_EXTENSIONS; not Pillow's identify-only stubs (`.h5`, ...)."""
+    extensions = Image.registered_extensions()  # loads every plugin first
+    stubs = {fmt for fmt, (factory, _) in Image.OPEN.items()
+             if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)}
+    return frozenset(ext for ext, fmt in extensions.items() if fmt in Image.OPEN and fmt not in stubs)
+
+
+class _ByExtension:
+    """ImageFolder's is_valid_file: a file of an extension Pillow opens; remembers the files it turns down."""
+
+    def __init__(self) -> None:
+        self.refused: list[str] = []
+
+    def __call__(self, path: str) -> bool:
+        if os.path.splitext(path)[1].lower() in image_extensions():
+            return True
+        self.refused.append(path)
+        return False
+
+
+def folder_classes(root: Path, name: str = "folder") -> list[str]:
+    """The classes of a folder dataset: the class folders of root/train, sorted by name (as torchvision sorts);
+    val/ takes the same names and indices."""
+    train = root / "train"
+    if not train.is_dir():
+        raise DNRTError(f"dataset {name}: {train} not found; the classes and their indices come from it; "
+                        f"expected {train}/<class>/<image> and {root / 'val'}/<class>/<image>")
+    classes = _class_folders(train)
+    if not classes:
+        raise DNRTError(f"dataset {name}: {train} holds no class folders; expected {train}/<class>/<image>")
+    expected = _spec(name)[0].num_classes
+    if expected is not None and len(classes) != expected:
+        raise DNRTError(f"dataset {name}: {train} holds {len(classes)} class folders, not {expected}")
+    return classes
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The names of the folders in `folder`, sorted (torchvision's find_classes, without its error when none)."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+class _ClassFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder over the given classes (train/'s, in its order), taking every file of an extension Pillow opens."""
+
+    def __init__(self, folder: Path, classes: list[str], transform: Callable | None, valid: _ByExtension,
+                 allow_empty: bool) -> None:
+        self._classes = classes
+        super().__init__(str(folder), transform=transform, loader=read_image, is_valid_file=valid,
+                         allow_empty=allow_empty)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return list(self._classes), {name: i for i, name in enumerate(self._classes)}
+
+
 def _image_folder(cfg: dict, train: bool, transform: Callable | None) -> Dataset:
-    """An ImageFolder under data_root/train or data_root/val (one folder per class)."""
-    folder = data_root(cfg) / ("train" if train else "val")
+    """An ImageFolder under data_root/train or data_root/val (one folder per class), classes by name from train/."""
+    root = data_root(cfg)
+    folder = root / ("train" if train else "val")
+    name = cfg["dataset"]
     if not folder.is_dir():
-        raise DNRTError(f"dataset {cfg['dataset']}: folder {folder} not found; expected "
+        raise DNRTError(f"dataset {name}: folder {folder} not found; expected "
                         f"{Path(cfg['data_root']) / 'train'}/<class>/<image> and "
                         f"{Path(cfg['data_root']) / 'val'}/<class>/<image>")
+    classes = folder_classes(root, name)
+    if not train:
+        unknown = sorted(set(_class_folders(folder)) - set(classes))
+        if unknown:
+            raise DNRTError(f"dataset {name}: {folder} has {len(unknown)} class folder(s) that {root / 'train'} lacks "
+                            f"({_some(unknown)}); the classes and their indices come from train/")
+    valid = _ByExtension()
     try:
-        return torchvision.datasets.ImageFolder(str(folder), transform=transform, loader=read_image)
+        dataset = _ClassFolder(folder, classes, transform, valid, allow_empty=not train)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DNRTError(f"dataset {cfg['dataset']}: {e}") from None
+        raise DNRTError(f"dataset {name}: {e}") from None
+    if not len(dataset):
+        raise DNRTError(f"dataset {name}: {folder} holds no images of the classes of train/")
+    unused = sorted(str(Path(p).relative_to(folder)) for p in valid.refused) + \
+        sorted(p.name for p in folder.iterdir() if not p.is_dir())
+    if unused:
+        _note(f"dataset {name}: {len(unused)} file(s) in {folder} not used, outside a class folder or not of an "
+              f"image extension Pillow opens: {_some(unused)}")
+    if not train:
+        present = set(dataset.targets)
+        absent = [c for i, c in enumerate(classes) if i not in present]
+        if absent:
+            _note(f"dataset {name}: {folder} has no images of {len(absent)} of the {len(classes)} classes of "
+                  f"train/ ({_some(absent)}); the others keep their train/ indices")
+    return dataset
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """The first few names, and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _note(message: str) -> None:
+    from dnrt.tool.distributed import is_main_process
+
+    if is_main_process():
+        print(message, flush=True)
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -270,11 +369,7 @@ def dataset_info(cfg: dict) -> dict[str, int]:
     spec, _ = _spec(cfg["dataset"])
     num_classes = spec.num_classes
     if num_classes is None:
-        train = data_root(cfg) / "train"
-        if not train.is_dir():
-            raise DNRTError(f"dataset folder: {train} not found; "
-                            f"expected train/<class>/<image> and val/<class>/<image>")
-        num_classes = sum(1 for p in train.iterdir() if p.is_dir())
+        num_classes = len(folder_classes(data_root(cfg), cfg["dataset"]))
     return dict(num_classes=num_classes, in_chans=spec.in_chans, img_size=cfg["image_size"] or spec.img_size)
 
 

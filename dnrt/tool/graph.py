@@ -60,11 +60,11 @@ def load_dgraphfin(data_root: str) -> Any:
     if not path.is_file():
         raise DNRTError(f"DGraph-Fin not found: {path}; download DGraphFin.zip from https://dgraph.xinye.com "
                         f"and put its dgraphfin.npz into {Path(data_root)}")
-    with np.load(path) as raw:
+    with np.load(path) as raw:  # allow_pickle=False: a data file runs no code
         missing = [k for k in DGRAPH_KEYS if k not in raw.files]
         if missing:
             raise DNRTError(f"{path} lacks {', '.join(missing)}; expected keys {', '.join(DGRAPH_KEYS)}")
-        arrays = {k: raw[k] for k in DGRAPH_KEYS}
+        arrays = {k: _array(raw, k, path) for k in DGRAPH_KEYS}
     x = torch.tensor(arrays["x"], dtype=torch.float32)
     x = (x - x.mean(0)) / x.std(0).clamp_min(1e-12)  # as the DGraph-Fin baselines do
     edges = torch.tensor(arrays["edge_index"], dtype=torch.long)
@@ -72,6 +72,17 @@ def load_dgraphfin(data_root: str) -> Any:
         edges = edges.t()
     splits = [_indices(arrays[k], x.shape[0]) for k in ("train_mask", "valid_mask", "test_mask")]
     return _make_data(x, torch.tensor(arrays["y"], dtype=torch.long), edges.contiguous(), splits)
+
+
+def _array(npz: Any, key: str, path: Path) -> np.ndarray:
+    """One array of an .npz file; an object array (loadable only by unpickling) is a DNRTError naming it."""
+    try:
+        return npz[key]
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise DNRTError(f"cannot read array {key!r} of {path}: {e}") from None
+        raise DNRTError(f"array {key!r} of {path} holds Python objects, which load only by unpickling (not done for "
+                        f"data files); save it as a numeric array") from None
 
 
 def load_karate(split_seed: int = 0) -> Any:
@@ -168,7 +179,8 @@ def metric(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def arr_loss(hidden: list[torch.Tensor], memories: nn.ModuleList, idx: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of the mean |h − μ_y| of the labelled nodes (the memories update in train mode)."""
+    """Mean over layers of the mean |h − μ_y| of the labelled nodes (the memories update in train mode); the hidden
+    layers have one width, so arr_layer_weighting (docs/method.md §3) makes no difference here."""
     losses = [(h[idx] - memory(h[idx], y[idx])).abs().mean() for h, memory in zip(hidden, memories)]
     return torch.stack(losses).mean()
 

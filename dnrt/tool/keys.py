@@ -252,6 +252,9 @@ KEYS: dict[str, Key] = _keys(
     ("arr_momentum", 0.1, number(0, strict=True, high=1.0), "momentum of ARR's class means", "loss"),
     ("arr_order", "reference", choice("reference", "paper"),
      "memory update order: the authors' code ('reference') or the paper's Eq. 4 ('paper')", "loss"),
+    ("arr_layer_weighting", "paper", choice("paper", "reference"),
+     "how ARR averages its per-layer losses: over the layers ('paper') or, as the authors' code, over the layers "
+     "of each width and then over the widths ('reference', what configs in the authors' form get)", "loss"),
     ("need_targets", False, boolean(), "kept from the authors' configs; ARR here takes targets in arr.loss()",
      "loss"),
     # optimisation

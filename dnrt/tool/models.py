@@ -405,4 +405,4 @@ def build_arr(model: nn.Module, cfg: dict, num_classes: int) -> Any:
     from dnrt import ARR
 
     return ARR(model, num_classes, layers=cfg["arr_layers"] or "auto", momentum=cfg["arr_momentum"],
-               order=cfg["arr_order"], weight=cfg["arr_loss_coef"])
+               order=cfg["arr_order"], weight=cfg["arr_loss_coef"], layer_weighting=cfg["arr_layer_weighting"])
