@@ -78,3 +78,19 @@ def test_without_a_compiler_one_line_and_plain_pytorch(tmp_path):
                              text=True, timeout=300)
     assert command.returncode == 1 and command.stdout == ""
     assert command.stderr.count("\n") == 1 and command.stderr.startswith("error: ")
+
+
+def test_the_cache_is_keyed_by_the_source_and_its_flags_not_its_place(tmp_path):
+    """A library is loaded only for the code it was built from: another checkout of the same source shares it,
+    an edited source or other flags get their own."""
+    from dnrt.nn.kernels import build
+
+    source = Path(build.__file__).with_name("raa_cpu.cpp")
+    copy = tmp_path / "raa_cpu.cpp"
+    copy.write_bytes(source.read_bytes())
+    flags = build.compile_flags("AVX2")
+    name = build.cache_name(source, "AVX2", flags)
+    assert build.cache_name(copy, "AVX2", flags) == name and name.startswith("dnrt_raa_cpu_avx2_torch")
+    copy.write_bytes(source.read_bytes() + b"\n// edited\n")
+    assert build.cache_name(copy, "AVX2", flags) != name
+    assert build.cache_name(source, "AVX2", build.compile_flags("AVX512")) != name

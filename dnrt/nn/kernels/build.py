@@ -1,10 +1,11 @@
 """Building the C++ kernels: one ``torch.utils.cpp_extension`` build per source file, for the ISA level ATen runs
-(x86-64: DEFAULT, AVX2 or AVX-512), cached per level and torch version in torch's extensions folder
-(``TORCH_EXTENSIONS_DIR``). The first build says so in one line; a cached library loads without the compiler;
+(x86-64: DEFAULT, AVX2 or AVX-512), cached per level, torch version and content of the source and its flags in
+torch's extensions folder (``TORCH_EXTENSIONS_DIR``), so checkouts of other code never share a library. The first build says so in one line; a cached library loads without the compiler;
 concurrent first uses wait on torch's lock file; a failed build warns once. ``dnrt build-kernels`` builds ahead."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -64,22 +65,32 @@ def build(source: str) -> Tuple[Path, bool]:
     from filelock import FileLock
 
     extension = cpp_extension()
-    name = re.sub(r"\W", "_", f"dnrt_{Path(source).stem}_{isa}_torch{torch.__version__}").lower()
+    code, flags = Path(__file__).with_name(source), compile_flags(isa)
+    name = cache_name(code, isa, flags)
     folder = Path(extension._get_build_directory(name, verbose=False))
-    library, code = folder / f"{name}{extension.LIB_EXT}", Path(__file__).with_name(source)
-    newest = max(code.stat().st_mtime, Path(__file__).stat().st_mtime)  # the source, and the flags set here
+    library = folder / f"{name}{extension.LIB_EXT}"
     with FileLock(str(folder / "lock")):  # torch's own lock: a build in another process holds it
-        cached = library.exists() and library.stat().st_mtime >= newest
+        cached = library.exists()
     if cached:
         torch.ops.load_library(str(library))
         return library, False
     if compiler() is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
     _announce(folder.parent)
-    flags = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", *ISA_FLAGS[isa]]
     extension.load(name, [str(code)], extra_cflags=flags, is_python_module=False, build_directory=str(folder))
-    library.touch()  # current, also where ninja found nothing to rebuild: the next process loads it directly
     return library, True
+
+
+def compile_flags(isa: str) -> list[str]:
+    return ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={isa}", *ISA_FLAGS[isa]]
+
+
+def cache_name(code: Path, isa: str, flags: list[str]) -> str:
+    """The cached library's name: the source's stem, the ISA level, torch's version and a digest of the source and
+    its flags, so that a library is only ever loaded for the code it was built from (not by modification times,
+    which a checkout or an install sets anew)."""
+    digest = hashlib.sha256(code.read_bytes() + "\0".join(flags).encode()).hexdigest()[:12]
+    return re.sub(r"\W", "_", f"dnrt_{code.stem}_{isa}_torch{torch.__version__}_{digest}").lower()
 
 
 def _announce(cache: Path) -> None:
