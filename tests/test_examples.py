@@ -2,6 +2,7 @@
 integration examples run as a user would, with tiny settings (a few steps)."""
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -19,14 +20,13 @@ EXPECTED = {
 }
 
 
-# examples run by a test elsewhere: the file that runs it
-ELSEWHERE = {"hf_vit_image_folder.py": "test_examples.py", "hf_bert_text.py": "test_examples.py",
-             "accelerate_arr.py": "test_examples.py", "timm_lazy_raa.py": "test_lazy_raa.py",
-             "torch_func_per_sample.py": "test_func.py", "lightning_ddp.py": "test_lightning.py"}
+# examples run by a test in another file: that file
+ELSEWHERE = {"lightning_ddp.py": "test_lightning.py"}
 
 
 def test_every_example_is_tested():
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted([*EXPECTED, *ELSEWHERE])
+    run_here = set(re.findall(r'run\("([\w.]+)"', Path(__file__).read_text()))  # the integration examples below
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted({*EXPECTED, *run_here, *ELSEWHERE})
     for name, test_file in ELSEWHERE.items():
         assert f'"{name}"' in (Path(__file__).with_name(test_file)).read_text(), (name, test_file)
 
@@ -97,3 +97,14 @@ def test_accelerate_saves_and_loads_the_memory(tmp_path):
     assert "after 3 steps" in out and "classes seen 4" in out
     assert "ARR memory restored by load_state: True" in out.splitlines()
     assert any((tmp_path / "state").rglob("custom_checkpoint_0.pkl"))  # ARR's state, saved by save_state
+
+
+def test_timm_act_layer_lazy_raa(tmp_path):
+    out = run("timm_lazy_raa.py", cwd=tmp_path)
+    assert "vit_tiny: 2 RAA modules (first RAA(768, base='gelu', shift='vector', channel_dim=-1))" in out
+    assert "resnet18: 17 RAA modules (first RAA(64, base='relu', shift='vector', channel_dim=1))" in out
+
+
+def test_torch_func_per_sample_gradients(tmp_path):
+    out = run("torch_func_per_sample.py", cwd=tmp_path)
+    assert "1.weight   per-sample gradients (8, 32)" in out and "largest difference" in out
