@@ -388,3 +388,17 @@ def test_ctrl_c_at_startup_is_one_line_and_130(fast, tmp_path, delay):
     err = proc.communicate(timeout=120)[1].strip()
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert err == "interrupted" or re.fullmatch(r"stopped by SIGINT: .*; the same command continues the run", err), err
+
+
+def test_eval_on_a_dataset_unlike_the_training_one_is_one_line(fast, tmp_path, capsys):
+    """A digits checkpoint (1 channel, 8×8) evaluated on 3-channel 32×32 images: one line naming both, no shape
+    error from inside the model, and nothing written."""
+    config, run = fast
+    copy = copy_of(run, tmp_path / "copy")
+    before = snapshot(copy)
+    capsys.readouterr()
+    assert main(["eval", "-r", str(copy / "checkpoint.pth"), "--dataset", "fake"]) == 1
+    assert one_line(capsys) == (f"error: checkpoint {copy / 'checkpoint.pth'} was trained for in_chans=1, "
+                                f"img_size=8, but dataset fake has in_chans=3, img_size=32; evaluate it on a "
+                                f"dataset like the one it was trained on")
+    assert snapshot(copy) == before

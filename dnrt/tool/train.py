@@ -579,7 +579,7 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str, out: str | None = None) -> d
     previous = torch.get_num_threads()
     try:
         state = load_checkpoint(checkpoint, map_location=device)
-        args = state.get("model_args") or model_args(cfg)
+        args = data_fits(state.get("model_args"), model_args(cfg), checkpoint, cfg["dataset"])
         model, arr = build_model(cfg, args, device, fresh=False)
         load_weights(state, model, arr, checkpoint)
         autocast, _ = mixed_precision(cfg, device)
@@ -593,6 +593,20 @@ def evaluate_checkpoint(cfg: dict, checkpoint: str, out: str | None = None) -> d
     finally:
         torch.set_num_threads(previous)
         D.cleanup()
+
+
+def data_fits(saved: dict[str, int] | None, wanted: dict[str, int], checkpoint: str, dataset: str) -> dict[str, int]:
+    """The model's arguments, once the dataset is seen to fit what the checkpoint was trained for (classes,
+    channels, image size): another dataset is one line naming both, not a shape error deep in the model."""
+    if not saved:
+        return wanted
+    differ = [k for k in ("num_classes", "in_chans", "img_size") if k in saved and saved[k] != wanted[k]]
+    if differ:
+        trained = ", ".join(f"{k}={saved[k]}" for k in differ)
+        given = ", ".join(f"{k}={wanted[k]}" for k in differ)
+        raise DNRTError(f"checkpoint {checkpoint} was trained for {trained}, but dataset {dataset} has {given}; "
+                        f"evaluate it on a dataset like the one it was trained on")
+    return saved
 
 
 def eval_summary(metrics: dict, path: Path) -> str:
