@@ -1,7 +1,8 @@
 """Building the C++ kernels: one ``torch.utils.cpp_extension`` build per source file, for the ISA level ATen runs
 (x86-64: DEFAULT, AVX2 or AVX-512), cached per level, torch version and content of the source and its flags in
-torch's extensions folder (``TORCH_EXTENSIONS_DIR``), so checkouts of other code never share a library. The first build says so in one line; a cached library loads without the compiler;
-concurrent first uses wait on torch's lock file; a failed build warns once. ``dnrt build-kernels`` builds ahead."""
+torch's extensions folder (``TORCH_EXTENSIONS_DIR``), so checkouts of other code never share a library. The first
+build says so in one line; a cached library loads without the compiler; concurrent first uses wait on torch's
+lock file; a failed build warns once. ``dnrt build-kernels`` builds ahead."""
 from __future__ import annotations
 
 import functools
