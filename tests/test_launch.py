@@ -3,6 +3,7 @@ one-node SLURM where it starts, submitit's LocalExecutor everywhere), preemption
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
@@ -19,6 +20,8 @@ from dnrt.tool import launch as L
 from dnrt.tool import reproduce as R
 
 REPO = Path(__file__).resolve().parents[1]
+NEEDS_SUBMITIT = pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
+                                    reason="needs submitit: pip install -e '.[cluster]'")
 EPOCHS = 6
 # three cells of the digits table; at batch 8 an epoch is 112 steps, so a job can be stopped between epochs
 TABLE = ["digits", "--models", "mlp", "--acts", "relu", "gelu", "dnrt", "--epochs", str(EPOCHS),
@@ -209,6 +212,7 @@ def scenario(out: Path, submit, kill, capsys, release=lambda record: None) -> No
     assert capsys.readouterr().out.count("| done |") == 3
 
 
+@NEEDS_SUBMITIT
 def test_job_array_on_submitits_local_executor(tmp_path, capsys):
     def submit():
         runs = [p.as_run() for p in planned(tmp_path).values()]
@@ -221,6 +225,7 @@ def test_job_array_on_submitits_local_executor(tmp_path, capsys):
     scenario(tmp_path, submit, kill, capsys)
 
 
+@NEEDS_SUBMITIT
 def test_job_array_on_a_one_node_slurm(slurm_cluster, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
 

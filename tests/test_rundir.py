@@ -141,14 +141,16 @@ def wait_for(predicate, proc, what):
         time.sleep(0.02)
 
 
-def test_killed_and_stopped_runs_continue_exactly(tmp_path, capsys):
+def test_killed_and_stopped_runs_continue_exactly(tmp_path, capsys, monkeypatch):
     """SIGKILL mid-run, the same command continues; SIGTERM ends it with one line; the same command again
-    finishes with the weights of an uninterrupted run, the finished epochs' log lines untouched."""
+    finishes with the weights of an uninterrupted run, the finished epochs' log lines untouched. Every process
+    runs one intra-op thread (bits depend on the thread count), in this process as in the subprocesses."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     config = tmp_path / "tiny.py"
     config.write_text(TINY.replace("epochs = 2", "epochs = 8"))
     run, reference = tmp_path / "run", tmp_path / "reference"
     command = [sys.executable, str(ROOT / "main.py"), "-c", str(config), "--output_dir", str(run)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     latest = run / "checkpoint.pth"
 
     killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
