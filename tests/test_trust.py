@@ -1,6 +1,7 @@
 """No non-finite state kept, errors from the world in one line, no host sync per step, `compile`, torchrun faults."""
 import errno
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -208,6 +209,7 @@ def test_a_corrupt_image_stops_the_run_naming_it(config, tmp_path, capsys, worke
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"error: cannot read image {re.escape(str(data / 'train/dog/2.png'))} \(\w+Error: .+\); "
                         r"replace or remove the file", err), err
+    assert not multiprocessing.active_children()  # no worker outlives the run (they would block the exit)
 
 
 @pytest.mark.parametrize("broken, workers", [("val/cat/1.gif", 0), ("train/dog/3.jpg", 1)])

@@ -112,6 +112,15 @@ def train_loader(cfg: dict, dataset: Dataset) -> tuple[DataLoader, DistributedSa
     return loader, sampler
 
 
+def close_workers(loader: DataLoader) -> None:
+    """End the persistent workers of `loader` now, also when the run ends by an exception: a traceback that holds the
+    loader would keep them alive, and since they ignore SIGTERM, the interpreter's exit (multiprocessing terminates,
+    then joins its daemonic children) would wait for them forever. DataLoader has no public call for this."""
+    iterator, loader._iterator = loader._iterator, None
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 def grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
     """The gradients' total L2 norm as a device tensor, clipped to max_norm when set (clip_grad_norm_ returns it)."""
     if max_norm:
@@ -552,6 +561,7 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
             raise
         raise stopped(STOP.pending, latest, done) from None
     finally:
+        close_workers(loader)
         if writer is not None:
             writer.close()
     return {**log, "best_acc1": best_acc1, "output_dir": str(out)}
