@@ -541,8 +541,8 @@ def _train(cfg: dict, device: torch.device) -> dict[str, Any]:
                 best_acc1 = log["test_acc1"]
             weights, optimizer_state = D.full_state(model_without_ddp, optimizer)  # FSDP: every process gathers
             if main:
-                state = {**checkpoint_state(model_without_ddp, arr, optimizer, scaler, epoch, best_acc1, cfg, args,
-                                            resumes, lr_scale), "model": weights, "optimizer": optimizer_state}
+                state = checkpoint_state(weights, arr, optimizer_state, scaler, epoch, best_acc1, cfg, args, resumes,
+                                         lr_scale)
                 names = [R.BEST] * improved + [R.numbered(epoch)] * ((epoch + 1) % cfg["save_interval"] == 0
                                                                      or last) + [R.LATEST]
                 save_epoch(out, log, state, names, latest, done)

@@ -17,16 +17,17 @@ from dnrt.tool.rundir.files import BEST, LATEST, atomic_write
 SHOWN_KEYS = 3  # how many names of each kind of mismatch a message lists
 
 
-def checkpoint_state(model: nn.Module, arr: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     epoch: int, best_acc1: float, cfg: dict, model_args: dict, resumes: list,
-                     lr_scale: float = 1.0) -> dict[str, Any]:
-    """Everything a resume needs, as plain types and tensors (loadable with weights_only=True). The lr schedule is
+def checkpoint_state(weights: dict[str, Any], arr: Any, optimizer_state: dict[str, Any],
+                     scaler: torch.amp.GradScaler, epoch: int, best_acc1: float, cfg: dict, model_args: dict,
+                     resumes: list, lr_scale: float = 1.0) -> dict[str, Any]:
+    """Everything a resume needs, as plain types and tensors (loadable with weights_only=True); `weights` and
+    `optimizer_state` are the full states (distributed.full_state gathers a sharded model's). The lr schedule is
     not saved: it is rebuilt from the config and the epoch, so a resume with more epochs follows the new length;
     `lr_scale` is the product of the drops `drop_lr_now` made, applied to it again on every resume."""
     from dnrt.tool.config import jsonable
 
-    return {"model": model.state_dict(), "arr": arr.state_dict() if arr is not None else None,
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+    return {"model": weights, "arr": arr.state_dict() if arr is not None else None,
+            "optimizer": optimizer_state, "scaler": scaler.state_dict(), "epoch": epoch,
             "best_acc1": best_acc1, "config": jsonable(cfg), "model_args": dict(model_args),
             "resumes": list(resumes), "lr_scale": lr_scale}
 
